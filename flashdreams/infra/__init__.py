@@ -1,0 +1,1 @@
+"""Swappable abstractions: config system, encoder / diffusion model / decoder, pipeline."""

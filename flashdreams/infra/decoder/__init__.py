@@ -1,0 +1,17 @@
+"""Decoder interfaces."""
+
+from flashdreams.infra.decoder.base import (
+    DecoderConfig,
+    StreamingDecoder,
+    StreamingDecoderCache,
+    StreamingDecoderCacheT,
+    StreamingVideoDecoder,
+)
+
+__all__ = [
+    "DecoderConfig",
+    "StreamingDecoder",
+    "StreamingDecoderCache",
+    "StreamingDecoderCacheT",
+    "StreamingVideoDecoder",
+]

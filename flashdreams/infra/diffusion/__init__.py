@@ -1,0 +1,1 @@
+"""Diffusion model, transformer interface and schedulers."""

@@ -1,0 +1,126 @@
+"""Transformer interface: the flow-prediction network behind a diffusion model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Generic
+
+import torch
+import torch.nn as nn
+from typing_extensions import TypeVar
+
+from flashdreams.infra.config import InstantiateConfig
+
+
+@dataclass(kw_only=True)
+class TransformerAutoregressiveCache:
+    """State kept across one AR rollout.
+
+    Empty by default, which is right for non-AR transformers. Subclasses add
+    fields and override :meth:`start` / :meth:`finalize` for bookkeeping.
+    """
+
+    def start(self, autoregressive_index: int) -> None:
+        """Called before the denoising steps of an AR step. No-op by default."""
+
+    def finalize(self, autoregressive_index: int) -> None:
+        """Called once the AR step's cache update is done. No-op by default."""
+
+
+TransformerCacheT = TypeVar(
+    "TransformerCacheT",
+    bound=TransformerAutoregressiveCache,
+    default=TransformerAutoregressiveCache,
+)
+
+
+class Transformer(nn.Module, ABC, Generic[TransformerCacheT]):
+    """Flow-prediction transformer, generic over its AR cache type."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of the (patchified) latent this rank denoises, batch dims included."""
+
+    @abstractmethod
+    def predict_flow(
+        self,
+        noisy_latent: torch.Tensor,
+        timestep: torch.Tensor,
+        cache: TransformerCacheT,
+        input: Any = None,
+    ) -> torch.Tensor:
+        """Predict the flow for ``noisy_latent`` at ``timestep``; same shape as the latent."""
+
+    def finalize_kv_cache(
+        self,
+        noisy_latent: torch.Tensor,
+        timestep: torch.Tensor,
+        cache: TransformerCacheT,
+        input: Any = None,
+    ) -> None:
+        """Advance the AR cache after the denoising loop.
+
+        Default: one ``predict_flow`` forward whose output is discarded (the
+        cache update is the side effect that matters).
+        """
+        self.predict_flow(noisy_latent, timestep, cache, input)
+
+    def initialize_autoregressive_cache(self, **context: Any) -> TransformerCacheT:
+        """Fresh cache for a new rollout; the default is an empty cache."""
+        return TransformerAutoregressiveCache()  # type: ignore[return-value]
+
+    def postprocess_clean_latent(
+        self,
+        clean_latent: torch.Tensor,
+        cache: TransformerCacheT,
+        input: Any = None,
+    ) -> torch.Tensor:
+        """Hook applied to the loop's ``x0`` (e.g. I2V first-frame pinning). Identity by default."""
+        return clean_latent
+
+    @abstractmethod
+    def patchify_and_maybe_split_cp(self, x: Any) -> Any:
+        """Patchify (and CP-split) a latent or a structured encoder payload, keeping its type."""
+
+    def sample_noise(
+        self,
+        rng: torch.Generator | None,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        in_unpatchified_shape: bool = False,
+    ) -> torch.Tensor:
+        """Draw this rank's initial noise in :attr:`latent_shape`.
+
+        Context-parallel transformers override this (and
+        :meth:`sample_noise_like`) so that every rank draws the same global
+        tensor and keeps its own shard: a CP run then reproduces the
+        single-process run for the same seed.
+        """
+        if in_unpatchified_shape:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support noise_in_unpatchified_shape=True"
+            )
+        return torch.randn(self.latent_shape, generator=rng, device=device, dtype=dtype)
+
+    def sample_noise_like(self, x: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+        """Gaussian noise shaped like the patchified tensor ``x`` (scheduler re-noising)."""
+        return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+
+    def unpatchify_and_maybe_gather_cp(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`patchify_and_maybe_split_cp` for the clean latent. Identity by default."""
+        return x
+
+
+@dataclass(kw_only=True)
+class TransformerConfig(InstantiateConfig):
+    """Base of every transformer config."""
+
+    _target: type[Transformer] = field(default_factory=lambda: Transformer)
+    """Transformer class built by ``setup()``."""

@@ -1,0 +1,242 @@
+"""Streaming inference pipeline: encode -> diffuse -> decode, one AR step at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generic
+
+import torch
+import torch.nn as nn
+from loguru import logger
+
+from flashdreams.infra.config import InstantiateConfig
+from flashdreams.infra.decoder import DecoderConfig, StreamingDecoder, StreamingDecoderCacheT
+from flashdreams.infra.diffusion.model import DiffusionModel, DiffusionModelConfig, FinalState
+from flashdreams.infra.diffusion.transformer import TransformerCacheT
+from flashdreams.infra.encoder import EncoderConfig, StreamingEncoder, StreamingEncoderCacheT
+from flashdreams.infra.profiler import EventProfiler
+
+
+@dataclass(kw_only=True)
+class StreamInferencePipelineConfig(InstantiateConfig):
+    """Config for the streaming inference pipeline.
+
+    ``encoder=None`` means no per-AR-step control input (pure T2V);
+    ``decoder=None`` returns the clean latent unchanged.
+    """
+
+    _target: type[StreamInferencePipeline] = field(
+        default_factory=lambda: StreamInferencePipeline
+    )
+    """Pipeline class built by ``setup()``."""
+    name: str
+    """Stable slug of this pipeline variant; ``flashdreams-run <name>`` selects it."""
+    diffusion_model: DiffusionModelConfig
+    """Transformer + scheduler config."""
+    decoder: DecoderConfig | None = None
+    """Optional streaming decoder, called as ``decoder(input, autoregressive_index, cache)``."""
+    encoder: EncoderConfig | None = None
+    """Optional per-AR-step streaming encoder; one-shot encoders belong to the transformer."""
+    enable_sync_and_profile: bool = False
+    """Time every stage of every AR step (synchronizes the device once per step)."""
+
+
+@dataclass(kw_only=True)
+class StreamInferencePipelineCache(
+    Generic[StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT]
+):
+    """Per-rollout state threaded through ``generate`` / ``finalize``."""
+
+    transformer_cache: TransformerCacheT
+    """Long-lived transformer AR cache (always present)."""
+    encoder_cache: StreamingEncoderCacheT | None = None
+    """Encoder AR cache; ``None`` exactly when the pipeline has no encoder."""
+    decoder_cache: StreamingDecoderCacheT | None = None
+    """Decoder AR cache; ``None`` exactly when the pipeline has no decoder."""
+    final_state: FinalState[TransformerCacheT] | None = None
+    """State of the latest ``generate``, consumed by ``finalize``."""
+    autoregressive_index: int | None = None
+    """AR index of the latest ``generate``."""
+    event_profiler: EventProfiler | None = None
+    """Profiler of the current AR step (profiling only)."""
+
+
+class StreamInferencePipeline(
+    nn.Module, Generic[StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT]
+):
+    """End-to-end streaming pipeline.
+
+    Example::
+
+        cache = pipeline.initialize_cache(transformer_context={...})
+        for i in range(num_chunks):
+            video = pipeline.generate(i, cache)
+            pipeline.finalize(i, cache)
+    """
+
+    encoder: StreamingEncoder[StreamingEncoderCacheT] | None
+    decoder: StreamingDecoder[StreamingDecoderCacheT] | None
+    diffusion_model: DiffusionModel[TransformerCacheT]
+
+    def __init__(self, config: StreamInferencePipelineConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = config.encoder.setup() if config.encoder is not None else None
+        self.decoder = config.decoder.setup() if config.decoder is not None else None
+        self.diffusion_model = config.diffusion_model.setup()
+
+    @property
+    def device(self) -> torch.device:
+        return self.diffusion_model.device
+
+    def initialize_cache(
+        self,
+        transformer_context: dict[str, Any] | None = None,
+        encoder_context: dict[str, Any] | None = None,
+        decoder_context: dict[str, Any] | None = None,
+    ) -> StreamInferencePipelineCache[
+        StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT
+    ]:
+        """Fresh per-rollout cache; each context dict goes to that component's
+        ``initialize_autoregressive_cache`` as keyword arguments."""
+        transformer = self.diffusion_model.transformer
+        return StreamInferencePipelineCache(
+            transformer_cache=transformer.initialize_autoregressive_cache(
+                **(transformer_context or {})
+            ),
+            encoder_cache=(
+                self.encoder.initialize_autoregressive_cache(**(encoder_context or {}))
+                if self.encoder is not None
+                else None
+            ),
+            decoder_cache=(
+                self.decoder.initialize_autoregressive_cache(**(decoder_context or {}))
+                if self.decoder is not None
+                else None
+            ),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        autoregressive_index: int,
+        cache: StreamInferencePipelineCache[
+            StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT
+        ],
+        input: Any = None,
+    ) -> torch.Tensor:
+        """Produce one chunk.
+
+        ``autoregressive_index`` must be 0 right after ``initialize_cache`` and
+        the previous index + 1 afterwards. ``input`` is required exactly when
+        an encoder is configured. Returns decoded output, or the unpatchified
+        clean latent without a decoder.
+        """
+        previous = cache.autoregressive_index
+        expected = 0 if previous is None else previous + 1
+        if autoregressive_index != expected:
+            raise ValueError(
+                f"AR step out of order: the previous step was {previous}, so the next "
+                f"autoregressive_index must be {expected}, got {autoregressive_index}"
+            )
+        if input is not None and self.encoder is None:
+            raise ValueError(
+                "input was given but the pipeline has no encoder; configure "
+                "StreamInferencePipelineConfig.encoder (NullEncoderConfig() passes "
+                "an already-encoded tensor through)"
+            )
+        if input is None and self.encoder is not None:
+            raise ValueError(
+                f"the pipeline has an encoder ({type(self.encoder).__name__}) but no input "
+                f"was given for AR step {autoregressive_index}"
+            )
+        cache.autoregressive_index = autoregressive_index
+        cache.final_state = None
+
+        profiler: EventProfiler | None = None
+        if self.config.enable_sync_and_profile:
+            profiler = EventProfiler(use_cuda=self.device.type == "cuda")
+            cache.event_profiler = profiler
+
+        if self.encoder is not None:
+            input = self.encoder(
+                input=input, autoregressive_index=autoregressive_index, cache=cache.encoder_cache
+            )
+            if profiler is not None:
+                profiler.record("encode")
+
+        clean_latent, final_state = self.diffusion_model.generate(
+            autoregressive_index=autoregressive_index,
+            cache=cache.transformer_cache,
+            input=input,
+        )
+        cache.final_state = final_state
+        if profiler is not None:
+            profiler.record("diffuse")
+
+        if self.decoder is None:
+            return clean_latent
+        output = self.decoder(
+            input=clean_latent, autoregressive_index=autoregressive_index, cache=cache.decoder_cache
+        )
+        if profiler is not None:
+            profiler.record("decode")
+        return output
+
+    @torch.no_grad()
+    def finalize(
+        self,
+        autoregressive_index: int,
+        cache: StreamInferencePipelineCache[
+            StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT
+        ],
+    ) -> dict[str, float] | None:
+        """Write the latest chunk into the transformer's AR cache.
+
+        ``autoregressive_index`` must equal the latest ``generate``'s. Returns
+        ``None`` without profiling, else this step's stats:
+        ``<stage>_ms``, ``total_ms``, ``total_ms_wo_finalize`` and, on CUDA,
+        ``mem_alloc_gib``, ``mem_reserved_gib``, ``mem_peak_gib``.
+        """
+        if cache.final_state is None:
+            raise RuntimeError(
+                f"finalize({autoregressive_index}) called before generate(): there is no "
+                "generated chunk on this cache to write into the KV cache"
+            )
+        if cache.autoregressive_index != autoregressive_index:
+            raise ValueError(
+                f"autoregressive_index mismatch: the latest generate() ran AR step "
+                f"{cache.autoregressive_index} but finalize() was called with {autoregressive_index}"
+            )
+        self.diffusion_model.finalize(final_state=cache.final_state)
+        cache.final_state = None
+        if not self.config.enable_sync_and_profile:
+            return None
+        profiler = cache.event_profiler
+        if profiler is None:
+            raise RuntimeError("profiling is on but generate() recorded no profiler on this cache")
+        profiler.record("finalize")
+        stats_ms = profiler.sync_and_summarize()
+        cache.event_profiler = None
+
+        total_ms = sum(stats_ms.values())
+        stats: dict[str, float] = {f"{stage}_ms": ms for stage, ms in stats_ms.items()}
+        stats["total_ms"] = total_ms
+        stats["total_ms_wo_finalize"] = total_ms - stats_ms.get("finalize", 0.0)
+        memory_text = ""
+        if torch.cuda.is_available():
+            device = torch.cuda.current_device()
+            gib = float(1024**3)
+            stats["mem_alloc_gib"] = torch.cuda.memory_allocated(device) / gib
+            stats["mem_reserved_gib"] = torch.cuda.memory_reserved(device) / gib
+            stats["mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / gib
+            memory_text = (
+                f" | GPU mem alloc {stats['mem_alloc_gib']:.3f} GiB reserved "
+                f"{stats['mem_reserved_gib']:.3f} GiB peak {stats['mem_peak_gib']:.3f} GiB"
+            )
+        stages_text = " ".join(f"{stage} {ms:.3f} ms" for stage, ms in stats_ms.items())
+        logger.info(
+            f"AR {autoregressive_index} {stages_text} | total(w/o finalize) "
+            f"{stats['total_ms_wo_finalize']:.3f} ms total {total_ms:.3f} ms{memory_text}"
+        )
+        return stats
