@@ -124,7 +124,10 @@ def build_hydra_args(args: list[str]) -> tuple[list[str], str | None]:
             search_path.append(f"pkg://{entry.conf_package}")
     if search_path and "hydra.searchpath" not in chosen_groups:
         hydra_args.append(f"hydra.searchpath=[{','.join(search_path)}]")
-    return hydra_args, slug
+    # Hydra's argparse wants every flag (--cfg job, -m, ...) before the overrides.
+    flags = [arg for arg in hydra_args if not _is_override(arg)]
+    overrides = [arg for arg in hydra_args if _is_override(arg)]
+    return flags + overrides, slug
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,59 @@
+"""Helpers for the end-to-end tests: run the CLI as a user would, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAKE_PIPELINE_DIR = Path(__file__).parent / "fake_pipeline"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli_command() -> list[str]:
+    executable = shutil.which("flashdreams-run")
+    return [executable] if executable else [sys.executable, "-m", "flashdreams.launch"]
+
+
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    *,
+    fake_pipeline: bool = False,
+    prefix: list[str] | None = None,
+    timeout: float = 240,
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if fake_pipeline:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(FAKE_PIPELINE_DIR), env.get("PYTHONPATH", "")) if p
+        )
+        env["FLASHDREAMS_CONF_PATH"] = str(FAKE_PIPELINE_DIR / "conf")
+    command = (prefix or []) + (cli_command() if prefix is None else ["flashdreams-run"]) + args
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_dirs(root: Path, slug: str) -> list[Path]:
+    base = root / "outputs" / slug
+    return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
+
+def wan_available() -> bool:
+    try:
+        from flashdreams.recipes.wan import WanInferencePipelineConfig  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_wan = pytest.mark.skipif(
+    not wan_available(),
+    reason="flashdreams.recipes.wan (WanInferencePipelineConfig) is not available yet",
+)
