@@ -74,7 +74,6 @@ def configure_logging(rank: int, run_dir: Path | None) -> list[int]:
 
 def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, Any] | None:
     """Run one job from the composed, resolved config (plain data); returns rank 0's stats."""
-    import torch
     from loguru import logger
 
     from flashdreams.launch.distributed import (
@@ -97,11 +96,7 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
             )
         run_dir = Path(str(broadcast_from_rank0(str(run_dir), context)))
         sink_ids = configure_logging(context.rank, run_dir)
-        if torch.cuda.is_available():
-            device = f"cuda:{context.local_rank}"
-            torch.cuda.set_device(context.local_rank)
-        else:
-            device = "cpu"
+        device = str(context.device)
         logger.info(
             f"pipeline '{run_config.pipeline.name}' on {context.world_size} rank(s), "
             f"device {device}, run directory {run_dir}"
@@ -117,9 +112,11 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
             ),
         )
         stats = runner.run()
+        # Success path only: after a failure the process exits non-zero and the
+        # launcher (torchrun / srun --kill-on-bad-exit) tears the other ranks down.
+        shutdown_distributed(context)
         return stats if context.rank == 0 else None
     finally:
-        shutdown_distributed(context)
         for sink_id in sink_ids:
             logger.remove(sink_id)
 
