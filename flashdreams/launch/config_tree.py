@@ -35,14 +35,14 @@ CONFIG_CLASS_KEY = "_config_"
 """YAML key that names the config class of a node."""
 
 STATE_DICT_TRANSFORMS: dict[str, str] = {
-    "self_forcing_generator": "flashdreams.recipes.wan:self_forcing_state_dict_transform",
     "wan22_ti2v_5b_vae": "flashdreams.recipes.wan:wan22_ti2v_5b_vae_state_dict_transform",
     "diffusers_wan_transformer": "flashdreams.recipes.wan:diffusers_wan_transformer_state_dict_transform",
 }
 """Known state-dict transforms: YAML name -> ``module:attribute``.
 
-Imported lazily and only when a config uses the name. Plugins may add entries
-with :func:`register_state_dict_transform` before configs are built.
+Imported lazily and only when a config uses the name. Plugins add names through
+the ``flashdreams.state_dict_transforms`` entry-point group (name -> ``module:function``),
+or in-process with :func:`register_state_dict_transform`.
 """
 
 _DTYPE_NAMES = (
@@ -79,7 +79,26 @@ def _import_attribute(target: str) -> Any:
     return getattr(module, attribute)
 
 
+TRANSFORM_ENTRY_POINT_GROUP = "flashdreams.state_dict_transforms"
+"""Entry-point group through which plugins register more named transforms."""
+
+
+def _plugin_transforms() -> dict[str, str]:
+    from importlib import metadata
+
+    return {ep.name: ep.value for ep in metadata.entry_points(group=TRANSFORM_ENTRY_POINT_GROUP)}
+
+
+def known_state_dict_transforms() -> dict[str, str]:
+    """Built-in names plus those registered by installed plugins."""
+    return {**_plugin_transforms(), **STATE_DICT_TRANSFORMS}
+
+
 def resolve_state_dict_transform(name: str, path: str) -> Callable[..., Any]:
+    if name not in STATE_DICT_TRANSFORMS:
+        STATE_DICT_TRANSFORMS.update(
+            {k: v for k, v in _plugin_transforms().items() if k not in STATE_DICT_TRANSFORMS}
+        )
     if name not in STATE_DICT_TRANSFORMS:
         raise ConfigError(
             f"{path}: unknown state_dict_transform '{name}'; known transforms: "
@@ -95,7 +114,7 @@ def resolve_state_dict_transform(name: str, path: str) -> Callable[..., Any]:
 
 
 def _transform_name(function: Any, path: str) -> str:
-    for name, target in STATE_DICT_TRANSFORMS.items():
+    for name, target in known_state_dict_transforms().items():
         try:
             if _import_attribute(target) is function:
                 return name
