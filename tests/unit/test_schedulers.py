@@ -287,9 +287,28 @@ def test_flow_match_add_noise_dtype():
     assert noisy.dtype == torch.bfloat16 and noisy.shape == clean.shape
 
 
+def test_flow_match_num_inference_steps_regenerates_evenly_spaced_list():
+    # The default list is evenly spaced, so num_inference_steps alone picks the step count.
+    two = FlowMatchSchedulerConfig(num_inference_steps=2, shift=5.0).setup()
+    predictor = RecordingPredictor()
+    two.sample(_noise(), predictor)
+    # warped: 1000 -> 1000, 500 -> 5 * 0.5 / (1 + 4 * 0.5) * 1000
+    assert [float(t) for t in predictor.timesteps] == pytest.approx([1000.0, 833.3333], abs=1e-3)
+    three = FlowMatchSchedulerConfig(num_inference_steps=3, warp_denoising_step=False).setup()
+    assert three.denoising_step_list.tolist() == [1000.0, 667.0, 333.0]
+
+
 def test_flow_match_config_validation():
-    with pytest.raises(ValueError, match=r"num_inference_steps=3 but denoising_timesteps has 4"):
-        FlowMatchSchedulerConfig(num_inference_steps=3).setup()
+    with pytest.raises(
+        ValueError,
+        match=r"num_inference_steps=2 but denoising_timesteps has 3 entries \(\[1000, 937, 833\]\); "
+        r"give denoising_timesteps exactly 2 entries, e.g. \[1000, 500\]",
+    ):
+        FlowMatchSchedulerConfig(
+            num_inference_steps=2, denoising_timesteps=[1000, 937, 833]
+        ).setup()
+    with pytest.raises(ValueError, match=r"num_inference_steps must be >= 1, got 0"):
+        FlowMatchSchedulerConfig(num_inference_steps=0).setup()
     with pytest.raises(ValueError, match=r"integer in \[0, 1000\], got \[1200\]"):
         FlowMatchSchedulerConfig(num_inference_steps=2, denoising_timesteps=[1200, 500]).setup()
 

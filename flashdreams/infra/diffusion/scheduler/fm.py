@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+from loguru import logger
 
 from flashdreams.infra.diffusion.scheduler.base import (
     FlowPredictor,
@@ -94,7 +95,8 @@ class FlowMatchSchedulerConfig(SchedulerConfig):
     _target: type[FlowMatchScheduler] = field(default_factory=lambda: FlowMatchScheduler)
     """Scheduler class built by ``setup()``."""
     num_inference_steps: int = 4
-    """Number of denoising steps; must equal ``len(denoising_timesteps)``."""
+    """Number of denoising steps. If it differs from ``len(denoising_timesteps)`` and that list is
+    evenly spaced (like the default), an evenly spaced list of this length is used instead."""
     shift: float = 8.0
     """Timestep shift ``sigma' = shift * s / (1 + (shift - 1) * s)`` applied to the training schedule."""
     denoising_timesteps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
@@ -155,7 +157,7 @@ class FlowMatchScheduler(Fp32ScheduleBuffersMixin, Scheduler):
         schedule_sigmas = torch.cat([sigmas, zero])
         schedule_timesteps = torch.cat([timesteps, zero])
 
-        requested = torch.tensor(config.denoising_timesteps, dtype=torch.float32)
+        requested = torch.tensor(resolve_denoising_timesteps(config), dtype=torch.float32)
         if config.warp_denoising_step:
             step_timesteps = schedule_timesteps[num_train - requested.long()]
         else:
@@ -231,20 +233,49 @@ class FlowMatchScheduler(Fp32ScheduleBuffersMixin, Scheduler):
         return noisy.to(clean_input.dtype)
 
 
-def _validate_flow_match_config(config: FlowMatchSchedulerConfig) -> None:
+def uniform_denoising_timesteps(num_steps: int, num_train_timesteps: int) -> list[int]:
+    """Evenly spaced timesteps ``num_train * (1 - i / num_steps)``; 4 of 1000 -> [1000, 750, 500, 250]."""
+    return [round(num_train_timesteps * (1 - i / num_steps)) for i in range(num_steps)]
+
+
+def resolve_denoising_timesteps(config: FlowMatchSchedulerConfig) -> list[int]:
+    """The denoising timesteps to run, reconciled with ``num_inference_steps``.
+
+    Equal lengths: the list as given. Different lengths: an evenly spaced list
+    (which carries nothing but its length) is regenerated with
+    ``num_inference_steps`` entries, so ``num_inference_steps=2`` on the default
+    config runs ``[1000, 500]``; a hand-picked list raises ``ValueError``.
+    """
     steps = list(config.denoising_timesteps)
-    if not steps:
-        raise ValueError("FlowMatchSchedulerConfig.denoising_timesteps must not be empty")
-    if len(steps) != config.num_inference_steps:
+    num_steps = config.num_inference_steps
+    if num_steps < 1:
         raise ValueError(
-            f"FlowMatchSchedulerConfig: num_inference_steps={config.num_inference_steps} but "
-            f"denoising_timesteps has {len(steps)} entries ({steps}); set them consistently"
+            f"FlowMatchSchedulerConfig.num_inference_steps must be >= 1, got {num_steps}"
         )
+    if len(steps) == num_steps:
+        return steps
+    num_train = config.num_train_timesteps
+    if steps and steps == uniform_denoising_timesteps(len(steps), num_train):
+        resolved = uniform_denoising_timesteps(num_steps, num_train)
+        logger.debug(
+            f"FlowMatchScheduler: num_inference_steps={num_steps} overrides the evenly spaced "
+            f"denoising_timesteps {steps}; running {resolved}"
+        )
+        return resolved
+    raise ValueError(
+        f"FlowMatchSchedulerConfig: num_inference_steps={num_steps} but denoising_timesteps "
+        f"has {len(steps)} entries ({steps}); give denoising_timesteps exactly "
+        f"{num_steps} entries, e.g. {uniform_denoising_timesteps(num_steps, num_train)}"
+    )
+
+
+def _validate_flow_match_config(config: FlowMatchSchedulerConfig) -> None:
     if config.num_train_timesteps <= 0:
         raise ValueError(
             f"FlowMatchSchedulerConfig.num_train_timesteps must be positive, "
             f"got {config.num_train_timesteps}"
         )
+    steps = resolve_denoising_timesteps(config)
     if config.shift <= 0:
         raise ValueError(f"FlowMatchSchedulerConfig.shift must be positive, got {config.shift}")
     if config.warp_denoising_step:
