@@ -192,6 +192,10 @@ class FlowMatchScheduler(Fp32ScheduleBuffersMixin, Scheduler):
         out_dtype = initial_noise.dtype
         compute_dtype = compute_dtype_for(out_dtype)
         last_step = self.num_inference_steps - 1
+        # Schedule on the latent's device (a no-op when the module was moved with it).
+        device = initial_noise.device
+        step_timesteps = self.denoising_step_list.to(device)
+        step_sigmas = self.step_sigmas.to(device=device, dtype=compute_dtype)
 
         noisy = initial_noise
         clean = initial_noise.to(compute_dtype)
@@ -199,11 +203,11 @@ class FlowMatchScheduler(Fp32ScheduleBuffersMixin, Scheduler):
             range(self.num_inference_steps), self.config.enable_tqdm, "flow-match"
         )
         for step in steps:
-            flow = predict_flow(noisy, self.denoising_step_list[step])
-            sigma = self.step_sigmas[step].to(compute_dtype)
+            flow = predict_flow(noisy, step_timesteps[step])
+            sigma = step_sigmas[step]
             clean = noisy.to(compute_dtype) - sigma * flow.to(compute_dtype)
             if step < last_step:
-                next_sigma = self.step_sigmas[step + 1].to(compute_dtype)
+                next_sigma = step_sigmas[step + 1]
                 eps = noise_like(initial_noise, rng).to(compute_dtype)
                 noisy = ((1 - next_sigma) * clean + next_sigma * eps).to(out_dtype)
         return clean.to(out_dtype)

@@ -161,9 +161,12 @@ class FlowMatchUniPCScheduler(Fp32ScheduleBuffersMixin, Scheduler):
         del rng, noise_like  # deterministic ODE solver
         out_dtype = initial_noise.dtype
         compute_dtype = compute_dtype_for(out_dtype)
-        sigmas = self.sigmas.to(compute_dtype)
-        predictor = self.predictor_coefficients.to(compute_dtype)
-        corrector = self.corrector_coefficients.to(compute_dtype)
+        # Schedule on the latent's device (a no-op when the module was moved with it).
+        device = initial_noise.device
+        timesteps = self.timesteps.to(device)
+        sigmas = self.sigmas.to(device=device, dtype=compute_dtype)
+        predictor = self.predictor_coefficients.to(device=device, dtype=compute_dtype)
+        corrector = self.corrector_coefficients.to(device=device, dtype=compute_dtype)
 
         sample = initial_noise.to(compute_dtype)
         previous_sample: torch.Tensor | None = None  # corrected model input of step i-1
@@ -173,7 +176,7 @@ class FlowMatchUniPCScheduler(Fp32ScheduleBuffersMixin, Scheduler):
             range(self.num_inference_steps), self.config.enable_tqdm, "unipc"
         )
         for step in steps:
-            flow = predict_flow(sample.to(out_dtype), self.timesteps[step])
+            flow = predict_flow(sample.to(out_dtype), timesteps[step])
             clean = sample - sigmas[step] * flow.to(compute_dtype)
 
             corrector_order = self.corrector_orders[step]
