@@ -18,6 +18,12 @@ class FlowPredictor(Protocol):
     def __call__(self, noisy_latent: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor: ...
 
 
+class NoiseSampler(Protocol):
+    """``(like, rng) -> noise`` shaped like ``like``; used for every scheduler draw when given."""
+
+    def __call__(self, like: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor: ...
+
+
 class Scheduler(ABC, nn.Module):
     """Denoising scheduler: callers see only ``noise -> clean``.
 
@@ -35,8 +41,14 @@ class Scheduler(ABC, nn.Module):
         initial_noise: torch.Tensor,
         predict_flow: FlowPredictor,
         rng: torch.Generator | None = None,
+        *,
+        noise_like: NoiseSampler | None = None,
     ) -> torch.Tensor:
-        """Run the full denoising loop from ``initial_noise`` (sigma=1) and return the clean latent."""
+        """Run the full denoising loop from ``initial_noise`` (sigma=1) and return the clean latent.
+
+        ``noise_like(x, rng)``, when given, makes every random draw (context-parallel
+        transformers pass one so all ranks draw the same global noise).
+        """
 
     @abstractmethod
     def add_noise(
@@ -44,6 +56,8 @@ class Scheduler(ABC, nn.Module):
         clean_input: torch.Tensor,
         timestep: torch.Tensor,
         rng: torch.Generator | None = None,
+        *,
+        noise_like: NoiseSampler | None = None,
     ) -> torch.Tensor:
         """Return ``(1 - sigma(t)) * x0 + sigma(t) * eps``, ``t`` snapped to the schedule."""
 
