@@ -57,3 +57,28 @@ requires_wan = pytest.mark.skipif(
     not wan_available(),
     reason="flashdreams.recipes.wan (WanInferencePipelineConfig) is not available yet",
 )
+
+
+def tiny_pipeline_args() -> tuple[list[str], bool]:
+    """(CLI args selecting a tiny pipeline, whether it is the test stand-in).
+
+    The real ``wan-tiny-t2v`` slug once ``flashdreams.recipes.wan`` exists, else the stand-in.
+    """
+    if wan_available():
+        return ["wan-tiny-t2v"], False
+    return ["pipeline=fake-tiny"], True
+
+
+def slurm_is_up() -> tuple[bool, str]:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False, "no SLURM client tools (sbatch/sinfo); .ci/run starts a local cluster"
+    try:
+        result = subprocess.run(
+            ["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return False, f"sinfo failed: {error}"
+    states = result.stdout.split()
+    if result.returncode != 0 or not any(s.startswith(("idle", "mix", "alloc")) for s in states):
+        return False, f"no SLURM node up (sinfo: {result.stdout.strip() or result.stderr.strip()})"
+    return True, ""
