@@ -209,7 +209,7 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
     """Check ``value`` against ``annotation`` and convert it to the Python type."""
     import torch
 
-    if annotation is Any or annotation is typing.Any:
+    if annotation is Any or annotation is typing.Any or annotation is object:
         if isinstance(value, dict) and CONFIG_CLASS_KEY in value:
             return build_config(value, path=path)
         return value
@@ -226,6 +226,8 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
                 return build_config(
                     value, path=path, default_class=config_members[0], allowed=config_members
                 )
+        if len(non_none) == 1:
+            return _convert(value, non_none[0], path)
         errors = []
         for member in non_none:
             try:
@@ -278,7 +280,7 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
         if not args:
             return tuple(value)
         return tuple(
-            _convert(item, arg, f"{path}[{i}]") for i, (item, arg) in enumerate(zip(args, value))
+            _convert(item, arg, f"{path}[{i}]") for i, (item, arg) in enumerate(zip(value, args))
         )
     if origin in (list, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
