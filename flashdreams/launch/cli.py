@@ -162,5 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def compose(slug: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Compose the config of ``flashdreams-run [slug] [overrides]`` as plain data, running nothing.
+
+    ``flashdreams.launch.run_config.build_run_config`` turns the result into typed configs.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    args = [slug, *overrides] if slug else list(overrides)
+    hydra_args, _ = build_hydra_args(args)
+    with initialize_config_dir(version_base="1.3", config_dir=str(find_conf_dir())):
+        cfg = hydra_compose(
+            config_name=CONFIG_NAME, overrides=[a for a in hydra_args if _is_override(a)]
+        )
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
