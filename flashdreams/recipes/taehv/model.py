@@ -1,0 +1,357 @@
+"""TAEHV (Tiny AutoEncoder for Hunyuan Video) decoder: network, streaming cache, pipeline decoder.
+
+The decoder network is a stack of per-frame 2D layers. Temporal context
+enters only through ``MemBlock`` layers, each of which sees its own input
+at the previous frame (zeros before the first frame). That makes streaming
+exact: a cache holding every ``MemBlock``'s last input frame lets a video
+be decoded chunk by chunk with the same result as decoding it in one call.
+
+Shape legend used below:
+    N  batch (all leading dims flattened)
+    T  frames at the current resolution in time
+    C  channels, H / W spatial size
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from loguru import logger
+
+from flashdreams.core.checkpoint import (
+    load_checkpoint,
+    load_state_dict_into_module,
+    resolve_local_checkpoint,
+)
+from flashdreams.infra.decoder import DecoderConfig, StreamingDecoderCache, StreamingVideoDecoder
+
+AVAILABLE_TAEHV_CHECKPOINT_PATHS: dict[str, str] = {
+    "lighttae": "https://huggingface.co/lightx2v/Autoencoders/resolve/main/lighttaew2_1.pth",
+}
+"""Known TAEHV decoder checkpoints by name (upstream addresses; download them yourself)."""
+
+# Index of the first-stage temporal upsampler inside ``decoder.blocks`` for the
+# default layout (Clamp, conv, ReLU, 3 x MemBlock, Upsample, TGrow, ...).
+_LIGHTTAE_FIRST_TGROW_INDEX = 7
+
+
+def lighttae_state_dict_transform(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapt a ``lighttae`` (``lighttaew2_1.pth``) state dict to :class:`TeahvVAEDecoder`.
+
+    The checkpoint stores the decoder as a flat ``nn.Sequential`` (``decoder.<i>.*``)
+    next to encoder weights. This keeps only the decoder, moves it under
+    ``decoder.blocks.<i>.*`` and, because the checkpoint's first temporal
+    upsampler (index 7) was trained with stride 2 while this model runs it with
+    stride 1, keeps only the output channels of its last time step.
+    """
+    remapped: dict[str, torch.Tensor] = {}
+    for key, tensor in sd.items():
+        if not key.startswith("decoder."):
+            continue
+        rest = key[len("decoder.") :]
+        if rest.startswith("blocks."):
+            rest = rest[len("blocks.") :]
+        remapped[f"decoder.blocks.{rest}"] = tensor
+    tgrow_key = f"decoder.blocks.{_LIGHTTAE_FIRST_TGROW_INDEX}.conv.weight"
+    if tgrow_key in remapped:
+        weight = remapped[tgrow_key]
+        num_channels = weight.shape[1]
+        if weight.shape[0] > num_channels:
+            # [C * stride, C, 1, 1]: output block s holds time step s; keep the last one.
+            remapped[tgrow_key] = weight[-num_channels:]
+    return remapped
+
+
+class Clamp(nn.Module):
+    """Smooth clamp of the latent to roughly [-3, 3]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+def _conv3x3(num_in: int, num_out: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(num_in, num_out, kernel_size=3, padding=1, bias=bias)
+
+
+class MemBlock(nn.Module):
+    """Residual block that also looks at its own input one frame earlier."""
+
+    def __init__(self, num_in: int, num_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            _conv3x3(num_in * 2, num_out),
+            nn.ReLU(),
+            _conv3x3(num_out, num_out),
+            nn.ReLU(),
+            _conv3x3(num_out, num_out),
+        )
+        self.skip = (
+            nn.Conv2d(num_in, num_out, kernel_size=1, bias=False)
+            if num_in != num_out
+            else nn.Identity()
+        )
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """``x``, ``past``: [N*T, C, H, W] (``past`` = the same input one frame earlier)."""
+        return self.act(self.conv(torch.cat([x, past], dim=1)) + self.skip(x))
+
+
+class TGrow(nn.Module):
+    """Temporal upsampler: each frame becomes ``stride`` frames via a 1x1 conv."""
+
+    def __init__(self, num_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(num_channels, num_channels * stride, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N*T, C, H, W] -> [N*T*stride, C, H, W], time-major within each input frame."""
+        num_channels = x.shape[1]
+        x = self.conv(x)
+        return x.reshape(-1, num_channels, *x.shape[2:])
+
+
+class TAEHVDecoderNetwork(nn.Module):
+    """TAEHV decoder stack, stored as ``blocks`` (an ``nn.Sequential``) so indices match upstream.
+
+    Layout: Clamp, conv, ReLU, then per stage ``MemBlock x 3, Upsample, TGrow,
+    conv``, then ReLU and a conv to RGB. Output is in [0, 1] before clamping.
+    """
+
+    def __init__(
+        self,
+        *,
+        latent_channels: int,
+        channels: tuple[int, ...],
+        time_upscale: tuple[bool, ...],
+        space_upscale: tuple[bool, ...],
+        image_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        num_stages = len(channels) - 1
+        if len(time_upscale) != num_stages or len(space_upscale) != num_stages:
+            raise ValueError(
+                f"TAEHV decoder: {len(channels)} channel entries make {num_stages} upsampling "
+                f"stages, so decoder_time_upscale and decoder_space_upscale need {num_stages} "
+                f"entries each (got {len(time_upscale)} and {len(space_upscale)})"
+            )
+        layers: list[nn.Module] = [Clamp(), _conv3x3(latent_channels, channels[0]), nn.ReLU()]
+        for stage in range(num_stages):
+            width = channels[stage]
+            layers += [MemBlock(width, width) for _ in range(3)]
+            layers.append(nn.Upsample(scale_factor=2) if space_upscale[stage] else nn.Identity())
+            layers.append(TGrow(width, 2 if time_upscale[stage] else 1))
+            layers.append(_conv3x3(width, channels[stage + 1], bias=False))
+        layers += [nn.ReLU(), _conv3x3(channels[-1], image_channels)]
+        self.blocks = nn.Sequential(*layers)
+
+    @property
+    def num_memblocks(self) -> int:
+        return sum(isinstance(layer, MemBlock) for layer in self.blocks)
+
+    def forward(
+        self, x: torch.Tensor, memory: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Decode a chunk of latent frames.
+
+        Args:
+            x: latent chunk [N, T, C, H, W].
+            memory: per-``MemBlock`` input at the frame before this chunk
+                ([N, C, H, W]), or ``None`` when nothing was decoded before.
+
+        Returns:
+            ``(frames [N, T', 3, H', W'], new_memory)`` where ``new_memory``
+            holds each ``MemBlock``'s input at the last frame of this chunk.
+        """
+        assert len(memory) == self.num_memblocks
+        num_batch = x.shape[0]
+        new_memory: list[torch.Tensor] = []
+        memblock_index = 0
+        for layer in self.blocks:
+            num_frames = x.shape[1]
+            if isinstance(layer, MemBlock):
+                previous = memory[memblock_index]
+                if previous is None:
+                    previous = torch.zeros_like(x[:, 0])
+                # past[:, t] = x[:, t - 1], with the cached frame before t = 0.
+                past = torch.cat([previous.unsqueeze(1), x[:, :-1]], dim=1)
+                new_memory.append(x[:, -1])
+                memblock_index += 1
+                out = layer(x.flatten(0, 1), past.flatten(0, 1))
+            else:
+                out = layer(x.flatten(0, 1))
+            x = out.reshape(num_batch, -1, *out.shape[1:])
+            assert x.shape[1] % num_frames == 0
+        return x, new_memory
+
+
+@dataclass(kw_only=True)
+class TAEHVCache(StreamingDecoderCache):
+    """Streaming state of :class:`TeahvVAEDecoder` across AR steps."""
+
+    memory: list[torch.Tensor | None]
+    """Per-``MemBlock`` input at the last decoded frame, [N, C, H, W]; ``None`` before any decode."""
+
+    num_decoded_latent_frames: int = 0
+    """Latent frames decoded so far; the start-of-video trim happens only while this is 0."""
+
+
+@dataclass(kw_only=True)
+class TeahvVAEDecoderConfig(DecoderConfig):
+    """Config for :class:`TeahvVAEDecoder`; defaults are the ``lighttae`` Wan 2.1 decoder."""
+
+    _target: type[TeahvVAEDecoder] = field(default_factory=lambda: TeahvVAEDecoder)
+    """Always :class:`TeahvVAEDecoder`."""
+
+    checkpoint_path: str | None = AVAILABLE_TAEHV_CHECKPOINT_PATHS["lighttae"]
+    """Local TAEHV checkpoint (``.pth`` / ``.safetensors``). The default names the upstream
+    ``lighttae`` file, which is never downloaded: fetch it and point here. ``None`` keeps the
+    random initialisation (tests and demos only)."""
+
+    state_dict_transform: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = (
+        lighttae_state_dict_transform
+    )
+    """Remap applied to the loaded state dict before it is copied into the module;
+    ``None`` loads the keys as they are (they must then be ``decoder.blocks.<i>.*``)."""
+
+    dtype: torch.dtype = torch.bfloat16
+    """Parameter and compute dtype."""
+
+    use_cuda_graph: bool = True
+    """On CUDA, compile with ``mode="reduce-overhead"`` (CUDA-graph replay). Ignored on CPU."""
+
+    use_compile: bool = True
+    """On CUDA, ``torch.compile`` the network. Ignored on CPU (logged once)."""
+
+    latent_channels: int = 16
+    """Latent channels (16 for Wan 2.1)."""
+
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 64)
+    """Channel width entering each decoder stage, then the width before the RGB conv."""
+
+    decoder_time_upscale: tuple[bool, ...] = (False, True, True)
+    """Per stage: whether its ``TGrow`` doubles the frame count."""
+
+    decoder_space_upscale: tuple[bool, ...] = (True, True, True)
+    """Per stage: whether it doubles height and width."""
+
+
+class TeahvVAEDecoder(StreamingVideoDecoder[TAEHVCache]):
+    """TAEHV light decoder: latent [..., Tl, Cl, Hl, Wl] -> video [..., T, 3, H, W] in [-1, 1].
+
+    The first decoded chunk drops the first ``time_upscale - 1`` frames, as
+    upstream TAEHV does, so ``Tl`` latents give ``1 + 4 * (Tl - 1)`` frames at
+    the start of a video and ``4 * Tl`` frames afterwards.
+    """
+
+    def __init__(self, config: TeahvVAEDecoderConfig) -> None:
+        super().__init__(config)
+        self.config: TeahvVAEDecoderConfig = config
+        self.decoder = TAEHVDecoderNetwork(
+            latent_channels=config.latent_channels,
+            channels=tuple(config.decoder_channels),
+            time_upscale=tuple(config.decoder_time_upscale),
+            space_upscale=tuple(config.decoder_space_upscale),
+        )
+        self._time_upscale = 2 ** sum(bool(flag) for flag in config.decoder_time_upscale)
+        self._space_upscale = 2 ** sum(bool(flag) for flag in config.decoder_space_upscale)
+        self.frames_to_trim = self._time_upscale - 1
+        if config.checkpoint_path is not None:
+            self.load_from_checkpoint(config.checkpoint_path)
+        self.to(config.dtype)
+        self._compiled_network: Callable[..., Any] | None = None
+        self._compile_checked = False
+
+    def load_from_checkpoint(self, checkpoint_path: str) -> None:
+        """Load weights from a local file, applying ``config.state_dict_transform``."""
+        local = resolve_local_checkpoint(checkpoint_path, what="TAEHV decoder checkpoint")
+        state_dict = load_checkpoint(local)
+        if self.config.state_dict_transform is not None:
+            state_dict = self.config.state_dict_transform(state_dict)
+        load_state_dict_into_module(self, state_dict, source=f"TAEHV checkpoint '{local}'")
+
+    @property
+    def spatial_compression_ratio(self) -> int:
+        return self._space_upscale
+
+    @property
+    def temporal_compression_ratio(self) -> int:
+        return self._time_upscale
+
+    def get_output_temporal_size(self, autoregressive_index: int, input_temporal_size: int) -> int:
+        """AR 0: ``1 + r * (Tl - 1)`` frames (start trim); AR >= 1: ``r * Tl``."""
+        if autoregressive_index == 0:
+            return input_temporal_size * self._time_upscale - self.frames_to_trim
+        return input_temporal_size * self._time_upscale
+
+    def get_input_temporal_size(self, autoregressive_index: int, output_temporal_size: int) -> int:
+        """Inverse of :meth:`get_output_temporal_size`; raises if the count is not reachable."""
+        padded = output_temporal_size + (self.frames_to_trim if autoregressive_index == 0 else 0)
+        if output_temporal_size <= 0 or padded % self._time_upscale != 0:
+            rule = (
+                f"1 + {self._time_upscale} * k"
+                if autoregressive_index == 0
+                else f"{self._time_upscale} * k"
+            )
+            raise ValueError(
+                f"TAEHV cannot produce {output_temporal_size} frames at AR step "
+                f"{autoregressive_index}: the count must be {rule} for an integer k >= 1"
+            )
+        return padded // self._time_upscale
+
+    def initialize_autoregressive_cache(self, **context: Any) -> TAEHVCache:
+        return TAEHVCache(memory=[None] * self.decoder.num_memblocks)
+
+    def _network(self, device: torch.device) -> Callable[..., Any]:
+        """The network to call: compiled on CUDA when asked, eager otherwise."""
+        if not self._compile_checked:
+            self._compile_checked = True
+            wants_compile = self.config.use_compile or self.config.use_cuda_graph
+            if wants_compile and device.type != "cuda":
+                logger.info("TAEHV: use_compile/use_cuda_graph need CUDA; running eagerly on CPU")
+            elif wants_compile:
+                mode = "reduce-overhead" if self.config.use_cuda_graph else None
+                self._compiled_network = torch.compile(self.decoder, mode=mode, dynamic=False)
+        return self._compiled_network or self.decoder
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input: torch.Tensor,
+        autoregressive_index: int = 0,
+        cache: TAEHVCache | None = None,
+    ) -> torch.Tensor:
+        """Decode one latent chunk; the cache (fresh when ``None``) is advanced in place.
+
+        ``autoregressive_index`` is not needed: whether the start-of-video frames
+        are trimmed follows from the cache (only before anything was decoded).
+        """
+        if input.ndim < 4:
+            raise ValueError(
+                f"TAEHV expects a latent [..., Tl, Cl, Hl, Wl]; got shape {tuple(input.shape)}"
+            )
+        if input.shape[-3] != self.config.latent_channels:
+            raise ValueError(
+                f"TAEHV expects {self.config.latent_channels} latent channels at dim -3; "
+                f"got shape {tuple(input.shape)}"
+            )
+        if cache is None:
+            cache = self.initialize_autoregressive_cache()
+        leading_shape = input.shape[:-4]
+        latent = input.reshape(-1, *input.shape[-4:]).to(self.config.dtype)
+        network = self._network(latent.device)
+        frames, memory = network(latent, cache.memory)
+        if network is not self.decoder:
+            # CUDA-graph outputs live in pooled buffers that the next replay overwrites.
+            frames, memory = frames.clone(), [m.clone() for m in memory]
+        cache.memory = memory
+        if cache.num_decoded_latent_frames == 0:
+            frames = frames[:, self.frames_to_trim :]
+        cache.num_decoded_latent_frames += latent.shape[1]
+        video = frames.clamp(0, 1) * 2 - 1
+        return video.reshape(*leading_shape, *video.shape[1:]).to(input.dtype)
