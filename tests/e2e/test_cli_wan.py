@@ -1,0 +1,144 @@
+"""flashdreams-run on the real tiny Wan pipelines, as a user runs it (CPU, random weights).
+
+These need ``flashdreams.recipes.wan``; they are skipped with that reason until it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import metadata
+
+import numpy as np
+import pytest
+from e2e_helpers import requires_wan, run_cli, run_dirs
+from safetensors.torch import load_file
+
+from flashdreams.launch.run_config import load_run_config
+from flashdreams.runner.video import read_mp4
+
+pytestmark = requires_wan
+
+
+def _expected_frames(num_chunks: int, len_t: int, temporal_ratio: int = 4) -> int:
+    """Causal Wan VAE: the first latent frame decodes to 1 frame, every later one to 4."""
+    return 1 + temporal_ratio * (num_chunks * len_t - 1)
+
+
+def test_bare_command_writes_playable_mp4(tmp_path):
+    result = run_cli([], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path, "wan-tiny-t2v")
+    config = load_run_config(run_dir / "config.yaml")
+    frames, fps = read_mp4(run_dir / "video.mp4")
+    len_t = config.pipeline.diffusion_model.transformer.len_t
+    assert frames.shape == (
+        _expected_frames(config.runner.num_chunks, len_t),
+        config.runner.height,
+        config.runner.width,
+        3,
+    )
+    assert fps == pytest.approx(config.runner.fps)
+    assert frames.std() > 1.0  # not a constant image
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["world_size"] == 1 and len(stats["chunks"]) == config.runner.num_chunks
+
+
+def test_slug_with_overrides(tmp_path):
+    result = run_cli(
+        [
+            "wan-tiny-t2v",
+            "runner.height=32",
+            "runner.width=48",
+            "runner.num_chunks=3",
+            "runner.prompt=a small red cube",
+            "pipeline.diffusion_model.scheduler.num_inference_steps=2",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path, "wan-tiny-t2v")
+    config = load_run_config(run_dir / "config.yaml")
+    assert config.pipeline.diffusion_model.scheduler.num_inference_steps == 2
+    assert config.runner.prompt == "a small red cube"
+    len_t = config.pipeline.diffusion_model.transformer.len_t
+    frames, _ = read_mp4(run_dir / "video.mp4")
+    assert frames.shape == (_expected_frames(3, len_t), 32, 48, 3)
+
+
+def test_bad_override_on_real_slug(tmp_path):
+    result = run_cli(["wan-tiny-t2v", "pipeline.diffusion_model.transformer.len=3"], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        "flashdreams-run: error: unknown config key 'pipeline.diffusion_model.transformer.len': "
+        "Wan21TransformerConfig has no field 'len'. Valid keys at 'pipeline.diffusion_model.transformer': "
+    )
+    assert "len_t" in lines[0] and "window_size_t" in lines[0]
+
+
+def test_i2v_with_first_frame(tmp_path):
+    from PIL import Image
+
+    image_path = tmp_path / "first.png"
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[:, :16] = 255
+    Image.fromarray(pixels).save(image_path)
+    result = run_cli(
+        ["wan-tiny-i2v", f"runner.image={image_path}", "runner.height=32", "runner.width=32"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path, "wan-tiny-i2v")
+    frames, _ = read_mp4(run_dir / "video.mp4")
+    assert frames.shape[1:] == (32, 32, 3)
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    args = [
+        "wan-tiny-t2v",
+        "runner.height=32",
+        "runner.width=32",
+        "runner.num_chunks=2",
+        "runner.save_latents=true",
+    ]
+    single = run_cli([*args, "runner.output_dir=one"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--no-python"]
+    double = run_cli([*args, "runner.output_dir=two"], tmp_path, prefix=torchrun)
+    assert double.returncode == 0, double.stderr
+    one = load_file(str(tmp_path / "one" / "latents.safetensors"))["latents"]
+    two = load_file(str(tmp_path / "two" / "latents.safetensors"))["latents"]
+    assert one.shape == two.shape
+    # Same weights (seeded), same global noise; only the attention reduction order differs.
+    assert (one - two).abs().max().item() < 1e-4
+    stats = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert stats["world_size"] == 2
+
+
+def _plugin_installed() -> bool:
+    try:
+        metadata.distribution("flashdreams-self-forcing")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(
+    not _plugin_installed(),
+    reason="plugin not installed (pip install -e recipes/self_forcing; .ci/run does)",
+)
+def test_self_forcing_plugin_lists_and_runs(tmp_path):
+    listed = run_cli(["--list"], tmp_path)
+    slugs = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert "self-forcing-1.3b" in slugs and "self-forcing-tiny" in slugs
+    result = run_cli(["self-forcing-tiny", "runner.height=32", "runner.width=32"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path, "self-forcing-tiny")
+    config = load_run_config(run_dir / "config.yaml")
+    scheduler = config.pipeline.diffusion_model.scheduler
+    assert list(scheduler.denoising_timesteps) == [1000, 750, 500, 250]
+    assert scheduler.shift == 5.0 and config.pipeline.diffusion_model.transformer.len_t == 3
+    frames, _ = read_mp4(run_dir / "video.mp4")
+    assert frames.shape == (_expected_frames(2, 3), 32, 32, 3)
