@@ -62,7 +62,10 @@ def find_conf_dir() -> Path:
         candidates.append(Path(os.environ[CONF_DIR_ENV]))
     package_dir = Path(__file__).resolve().parent.parent
     candidates.append(package_dir.parent / "conf")
-    candidates.append(Path(sys.prefix) / "share" / "flashdreams" / "conf")
+    import site
+
+    for prefix in (sys.prefix, site.getuserbase()):
+        candidates.append(Path(prefix) / "share" / "flashdreams" / "conf")
     for candidate in candidates:
         if (candidate / f"{CONFIG_NAME}.yaml").is_file():
             return candidate
