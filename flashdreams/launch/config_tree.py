@@ -415,6 +415,8 @@ def config_to_container(config: Any, *, path: str = "config") -> Any:
             if f.name.startswith("_") or not f.init:
                 continue
             value = getattr(config, f.name)
+            if callable(value) and not isinstance(value, type) and value is f.default:
+                continue  # an unnamed default transform: reloading restores it
             node[f.name] = config_to_container(value, path=f"{path}.{f.name}")
         return node
     if isinstance(config, torch.dtype):

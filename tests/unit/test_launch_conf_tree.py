@@ -76,3 +76,23 @@ def test_every_slug_composes(slug):
 def test_upstream_sampling_defaults(slug, steps, shift):
     scheduler = compose(slug)["pipeline"]["diffusion_model"]["scheduler"]
     assert (scheduler["num_inference_steps"], scheduler["shift"]) == (steps, shift)
+
+
+def test_swap_a_group_option_and_round_trip(monkeypatch):
+    """``+decoder@pipeline.decoder=taehv`` adds the TAEHV decoder; its unnamed default transform
+    survives save -> reload."""
+    pytest.importorskip("flashdreams.recipes.taehv")
+    fake_dir = Path(__file__).resolve().parents[1] / "e2e" / "fake_pipeline"
+    monkeypatch.syspath_prepend(str(fake_dir))
+    monkeypatch.setenv("FLASHDREAMS_CONF_PATH", str(fake_dir / "conf"))
+    container = compose(
+        None,
+        ["pipeline=fake-tiny", "+decoder@pipeline.decoder=taehv", "pipeline.decoder.dtype=float32"],
+    )
+    run_config = build_run_config(container)
+    decoder = run_config.pipeline.decoder
+    assert type(decoder).__name__ == "TeahvVAEDecoderConfig"
+    assert str(decoder.dtype) == "torch.float32"
+    saved = run_config_to_container(run_config)
+    assert "state_dict_transform" not in saved["pipeline"]["decoder"]
+    assert build_run_config(saved) == run_config
