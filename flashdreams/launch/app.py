@@ -82,9 +82,10 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
         shutdown_distributed,
     )
     from flashdreams.launch.run_config import build_run_config, run_config_to_container
-    from flashdreams.runner.runner import RunContext
+    from flashdreams.runner.runner import RunContext, validate_runner_config
 
     run_config = build_run_config(container)
+    validate_runner_config(run_config.runner)  # before any directory is created
     resolved = run_config_to_container(run_config)
     context = init_distributed(run_config.parallel.backend, run_config.parallel.init_timeout_s)
     sink_ids: list[int] = []

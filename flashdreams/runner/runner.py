@@ -77,6 +77,22 @@ def _peak_host_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def validate_runner_config(config: RunnerConfig) -> None:
+    """Check user input before anything is built or written (``ValueError`` / ``FileNotFoundError``)."""
+    if config.num_chunks < 1:
+        raise ValueError(f"runner.num_chunks must be >= 1, got {config.num_chunks}")
+    if config.height < 1 or config.width < 1:
+        raise ValueError(
+            f"runner.height and runner.width must be positive, got {config.height}x{config.width}"
+        )
+    if config.fps <= 0:
+        raise ValueError(f"runner.fps must be positive, got {config.fps}")
+    if config.prompts_file is not None and not Path(config.prompts_file).is_file():
+        raise FileNotFoundError(f"runner.prompts_file: no such file '{config.prompts_file}'")
+    if config.image is not None and not Path(config.image).is_file():
+        raise FileNotFoundError(f"runner.image: no such file '{config.image}'")
+
+
 class Runner:
     """Runs one pipeline config for the prompts of a :class:`RunnerConfig`."""
 
@@ -85,24 +101,9 @@ class Runner:
         self.pipeline_config = pipeline_config
         self.context = context
         self.is_writer = context.rank == 0
-        self._validate()
+        validate_runner_config(config)
 
     # ---- inputs -------------------------------------------------------------
-
-    def _validate(self) -> None:
-        config = self.config
-        if config.num_chunks < 1:
-            raise ValueError(f"runner.num_chunks must be >= 1, got {config.num_chunks}")
-        if config.height < 1 or config.width < 1:
-            raise ValueError(
-                f"runner.height and runner.width must be positive, got {config.height}x{config.width}"
-            )
-        if config.fps <= 0:
-            raise ValueError(f"runner.fps must be positive, got {config.fps}")
-        if config.prompts_file is not None and not Path(config.prompts_file).is_file():
-            raise FileNotFoundError(f"runner.prompts_file: no such file '{config.prompts_file}'")
-        if config.image is not None and not Path(config.image).is_file():
-            raise FileNotFoundError(f"runner.image: no such file '{config.image}'")
 
     def prompts(self) -> list[str]:
         """Prompts to roll out, in order."""

@@ -148,3 +148,34 @@ def test_help_is_fast_and_imports_nothing_heavy(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "runner.num_chunks" in result.stdout
     assert elapsed < 1.0, f"--help took {elapsed:.2f} s"
+
+
+def test_prompt_list_and_prompts_file(tmp_path):
+    result = run_cli(
+        ["pipeline=fake-tiny", *SMALL, "runner.prompt=[a cat,a dog]", "runner.output_dir=list"],
+        tmp_path,
+        fake_pipeline=True,
+    )
+    assert result.returncode == 0, result.stderr
+    videos = sorted(p.name for p in (tmp_path / "list").glob("*.mp4"))
+    assert videos == ["video_000.mp4", "video_001.mp4"]
+    stats = __import__("json").loads((tmp_path / "list" / "stats.json").read_text())
+    assert [r["prompt"] for r in stats["rollouts"]] == ["a cat", "a dog"]
+
+    (tmp_path / "prompts.txt").write_text("first prompt\n\nsecond prompt\n")
+    missing = run_cli(
+        ["pipeline=fake-tiny", "runner.prompts_file=nope.txt"], tmp_path, fake_pipeline=True
+    )
+    assert missing.returncode == 2
+    assert (
+        missing.stderr.strip()
+        == "flashdreams-run: error: runner.prompts_file: no such file 'nope.txt'"
+    )
+    from_file = run_cli(
+        ["pipeline=fake-tiny", *SMALL, "runner.prompts_file=prompts.txt", "runner.output_dir=file"],
+        tmp_path,
+        fake_pipeline=True,
+    )
+    assert from_file.returncode == 0, from_file.stderr
+    stats = __import__("json").loads((tmp_path / "file" / "stats.json").read_text())
+    assert [r["prompt"] for r in stats["rollouts"]] == ["first prompt", "second prompt"]
