@@ -1,0 +1,1 @@
+"""Wan DiT network internals: blocks, RoPE and the network itself."""

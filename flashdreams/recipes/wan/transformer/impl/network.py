@@ -1,0 +1,530 @@
+"""The Wan diffusion transformer (Wan 2.1 / 2.2 DiT) as a streaming network.
+
+Shape legend::
+
+    ...  batch dims          B  their product
+    T, C, H, W  latent frames, channels, height, width (unpatchified, time before channel)
+    kt, kh, kw  patch size   L = (T/kt) (H/kh) (W/kw) tokens, frame-major
+    D_in = in_dim * kt * kh * kw, D_out = out_dim * kt * kh * kw
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flashdreams.core.attention import KVCache, RelativeRope
+from flashdreams.infra.config import InstantiateConfig
+from flashdreams.recipes.wan.transformer.impl.blocks import (
+    WanBlock,
+    WanBlockCache,
+    WanHead,
+    WanImageProjection,
+    sinusoidal_timestep_embedding,
+)
+
+PATCHIFY_PATTERN = "... (t kt) c (h kh) (w kw) -> ... (t h w) (c kt kh kw)"
+UNPATCHIFY_PATTERN = "... (t h w) (c kt kh kw) -> ... (t kt) c (h kh) (w kw)"
+
+
+@dataclass(kw_only=True)
+class WanDiTNetworkConfig(InstantiateConfig):
+    """Configuration for the Wan DiT network (defaults: Wan 2.1 1.3B)."""
+
+    _target: type[WanDiTNetwork] = field(default_factory=lambda: WanDiTNetwork)
+    """Always :class:`WanDiTNetwork`."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Patch size ``(kt, kh, kw)`` over (frames, height, width)."""
+    text_len: int = 512
+    """Text tokens the network attends to; shorter embeddings are zero-padded to this length."""
+    in_dim: int = 16
+    """Input latent channels (36 = 16 noise + 4 mask + 16 image latent for Wan 2.1 I2V)."""
+    dim: int = 1536
+    """Hidden size of the transformer."""
+    ffn_dim: int = 8960
+    """Hidden size of the feed-forward layers."""
+    freq_dim: int = 256
+    """Size of the sinusoidal timestep embedding."""
+    text_dim: int = 4096
+    """Width of the text embeddings (UMT5-XXL: 4096)."""
+    out_dim: int = 16
+    """Output latent channels."""
+    num_heads: int = 12
+    """Attention heads."""
+    num_layers: int = 30
+    """Transformer blocks."""
+    cross_attn_norm: bool = True
+    """Apply an affine LayerNorm before cross-attention."""
+    cross_attn_enable_img: bool = False
+    """If True, build image cross-attention and the CLIP image projection (I2V)."""
+    eps: float = 1e-6
+    """Epsilon of the normalisation layers."""
+    concat_padding_mask: bool = False
+    """Append a padding-mask channel (all ones: no padding) to the input; the patch
+    embedding then takes ``in_dim + 1`` channels."""
+    patch_embedding_type: Literal["linear", "conv3d"] = "conv3d"
+    """Type of patch embedding: ``"linear"`` (flattened patch MLP) or ``"conv3d"``
+    (strided conv; stored as a Conv3d weight, applied as a matmul on patchified tokens)."""
+    apply_rope_before_kvcache: bool = True
+    """True: cache keys rotated at absolute positions. False: cache unrotated keys and
+    rotate relative to the cache start, so rollouts can run past the trained length."""
+    cp_method: Literal["ring", "ulysses"] = "ring"
+    """Context-parallel attention method used when a CP group is set."""
+    img_dim: int = 1280
+    """Width of the CLIP image embeddings (open-clip ViT-H/14: 1280); used when
+    ``cross_attn_enable_img``."""
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads != 0:
+            raise ValueError(
+                f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.patch_embedding_type not in ("linear", "conv3d"):
+            raise ValueError(
+                f"patch_embedding_type must be 'linear' or 'conv3d', got {self.patch_embedding_type!r}"
+            )
+        if self.cp_method not in ("ring", "ulysses"):
+            raise ValueError(f"cp_method must be 'ring' or 'ulysses', got {self.cp_method!r}")
+        self.patch_size = tuple(self.patch_size)  # type: ignore[assignment]
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass(kw_only=True)
+class WanDiTNetwork1pt3BConfig(WanDiTNetworkConfig):
+    """Configuration for the 1.3B Wan DiT network."""
+
+
+@dataclass(kw_only=True)
+class WanDiTNetwork14BConfig(WanDiTNetworkConfig):
+    """Configuration for the 14B Wan DiT network."""
+
+    dim: int = 5120
+    """Hidden size of the transformer."""
+    ffn_dim: int = 13824
+    """Hidden size of the feed-forward layers."""
+    num_heads: int = 40
+    """Attention heads."""
+    num_layers: int = 40
+    """Transformer blocks."""
+
+
+@dataclass(kw_only=True)
+class WanDiTNetworkTI2V5BConfig(WanDiTNetworkConfig):
+    """Configuration for the Wan 2.2 TI2V 5B DiT network (48-channel latents, no CLIP branch)."""
+
+    in_dim: int = 48
+    """Input latent channels (the Wan 2.2 16x VAE has 48)."""
+    dim: int = 3072
+    """Hidden size (24 heads x 128)."""
+    ffn_dim: int = 14336
+    """Hidden size of the feed-forward layers."""
+    out_dim: int = 48
+    """Output latent channels."""
+    num_heads: int = 24
+    """Attention heads."""
+    num_layers: int = 30
+    """Transformer blocks."""
+
+
+@dataclass(kw_only=True)
+class WanDiTNetworkTinyConfig(WanDiTNetworkConfig):
+    """Tiny random-weight Wan DiT for CPU tests: 2 layers, 2 heads, dim 32."""
+
+    text_len: int = 32
+    """Text tokens."""
+    dim: int = 32
+    """Hidden size."""
+    ffn_dim: int = 64
+    """Hidden size of the feed-forward layers."""
+    freq_dim: int = 32
+    """Size of the sinusoidal timestep embedding."""
+    text_dim: int = 32
+    """Width of the text embeddings."""
+    num_heads: int = 2
+    """Attention heads."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    img_dim: int = 32
+    """Width of the image embeddings."""
+
+
+@dataclass
+class WanDiTNetworkCache:
+    """Per-rollout state of a :class:`WanDiTNetwork`: one :class:`WanBlockCache` per block."""
+
+    blocks: list[WanBlockCache]
+    """Caches of the blocks, in order."""
+    chunk_size: int
+    """Tokens per chunk (this rank)."""
+    window_size: int
+    """Rolling-window tokens."""
+    sink_size: int
+    """Sink tokens."""
+    num_committed_chunks: list[int] = field(default_factory=lambda: [0])
+    """Chunks written so far (a one-element list, shared with batch slices)."""
+
+    @property
+    def chunk_index(self) -> int:
+        """Index of the chunk being generated (= chunks already committed)."""
+        return self.num_committed_chunks[0]
+
+    @property
+    def is_steady_state(self) -> bool:
+        """Whether every self-attention cache is full (shapes no longer change)."""
+        return all(block.self_kv.is_full for block in self.blocks)
+
+    def batch_slice(self, start: int, stop: int) -> WanDiTNetworkCache:
+        """View of batch rows ``[start:stop]`` sharing storage and bookkeeping."""
+        return WanDiTNetworkCache(
+            blocks=[block.batch_slice(start, stop) for block in self.blocks],
+            chunk_size=self.chunk_size,
+            window_size=self.window_size,
+            sink_size=self.sink_size,
+            num_committed_chunks=self.num_committed_chunks,
+        )
+
+    def self_attention_storage_bytes(self) -> int:
+        """Bytes held by the self-attention KV caches of all blocks."""
+        return sum(block.self_kv.storage_bytes() for block in self.blocks)
+
+
+class WanDiTNetwork(nn.Module):
+    """Wan diffusion backbone for text-to-video and image-to-video, chunk by chunk.
+
+    Parameter names follow the original Wan checkpoints; load diffusers
+    ``WanTransformer3DModel`` weights through
+    :func:`~flashdreams.recipes.wan.transformer.checkpoint.wan_diffusers_state_dict_transform`.
+    """
+
+    def __init__(self, config: WanDiTNetworkConfig) -> None:
+        super().__init__()
+        self.config = config
+        kt, kh, kw = config.patch_size
+        patch_volume = kt * kh * kw
+        in_channels = config.in_dim + (1 if config.concat_padding_mask else 0)
+        if config.patch_embedding_type == "conv3d":
+            self.patch_embedding: nn.Module = nn.Conv3d(
+                in_channels, config.dim, kernel_size=config.patch_size, stride=config.patch_size
+            )
+        else:
+            self.patch_embedding = nn.Linear(in_channels * patch_volume, config.dim)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, config.dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(config.dim, config.dim),
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(config.freq_dim, config.dim), nn.SiLU(), nn.Linear(config.dim, config.dim)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(config.dim, 6 * config.dim))
+        self.blocks = nn.ModuleList(
+            [
+                WanBlock(
+                    dim=config.dim,
+                    ffn_dim=config.ffn_dim,
+                    num_heads=config.num_heads,
+                    cross_attn_norm=config.cross_attn_norm,
+                    enable_img=config.cross_attn_enable_img,
+                    eps=config.eps,
+                )
+                for _ in range(config.num_layers)
+            ]
+        )
+        self.head = WanHead(config.dim, config.out_dim * patch_volume, config.eps)
+        if config.cross_attn_enable_img:
+            self.img_emb = WanImageProjection(config.img_dim, config.dim)
+        # The original head emits channels as (kt kh kw c); once fused it emits (c kt kh kw).
+        self._head_channels_first = False
+        self.context_parallel: Any = None
+
+    # ----------------------------------------------------------------- setup
+    @property
+    def patch_volume(self) -> int:
+        return math.prod(self.config.patch_size)
+
+    def set_context_parallel_group(self, cp_group: Any = None) -> None:
+        """Store the context-parallel group / context on every block's self-attention.
+
+        ``None`` (the default) runs attention locally. Call before
+        :meth:`initialize_cache`. Nothing in ``forward`` reads ranks.
+        """
+        self.context_parallel = cp_group
+        for block in self.blocks:
+            block.self_attn.context_parallel = cp_group
+
+    @torch.no_grad()
+    def update_parameters_after_loading_checkpoint(self) -> None:
+        """Fuse what is known at load time into the weights; call once after loading.
+
+        * self-attention ``q`` / ``k`` / ``v`` -> one ``qkv`` projection;
+        * output head rows reordered from ``(kt kh kw c)`` to ``(c kt kh kw)``
+          so the output needs no channel permute.
+
+        Idempotent. The state dict afterwards uses ``qkv`` keys.
+        """
+        for block in self.blocks:
+            block.self_attn.fuse_qkv()
+        if not self._head_channels_first:
+            out_dim = self.config.out_dim
+            head = self.head.head
+            # rows (k c) -> (c k), k = kt*kh*kw patch positions
+            order = torch.arange(head.out_features, device=head.weight.device)
+            order = order.reshape(self.patch_volume, out_dim).t().reshape(-1)
+            head.weight.copy_(head.weight[order])
+            head.bias.copy_(head.bias[order])
+            self._head_channels_first = True
+
+    def keep_modulation_in_fp32(self) -> None:
+        """Keep the time embedding and modulation tables in fp32 (upstream does) after ``.to(dtype)``."""
+        self.time_embedding.float()
+        self.time_projection.float()
+        self.head.modulation.data = self.head.modulation.data.float()
+        for block in self.blocks:
+            block.modulation.data = block.modulation.data.float()
+
+    # ------------------------------------------------------------- patchify
+    def patchify_and_maybe_split_cp(
+        self,
+        x: torch.Tensor,
+        process_groups: list[Any] | None = None,
+        cp_dims: list[int | None] | None = None,
+    ) -> torch.Tensor:
+        """``[..., T, C, H, W]`` -> ``[..., L, C*kt*kh*kw]`` (pattern :data:`PATCHIFY_PATTERN`).
+
+        The context-parallel split is the identity while no group is given.
+        """
+        from einops import rearrange
+
+        kt, kh, kw = self.config.patch_size
+        _, _, height, width = x.shape[-4:]
+        if x.shape[-4] % kt or height % kh or width % kw:
+            raise ValueError(
+                f"latent (T, H, W) = {tuple(x.shape[-4:-3]) + (height, width)} is not divisible "
+                f"by the patch size {self.config.patch_size}"
+            )
+        tokens = rearrange(x, PATCHIFY_PATTERN, kt=kt, kh=kh, kw=kw)
+        if process_groups and any(group is not None for group in process_groups):
+            raise NotImplementedError("context-parallel split is plugged in by the CP layer")
+        return tokens
+
+    def unpatchify_and_maybe_gather_cp(
+        self,
+        pH: int,
+        pW: int,
+        x: torch.Tensor,
+        process_groups: list[Any] | None = None,
+        cp_dims: list[int | None] | None = None,
+    ) -> torch.Tensor:
+        """``[..., L, C*kt*kh*kw]`` -> ``[..., T, C, H, W]`` (pattern :data:`UNPATCHIFY_PATTERN`).
+
+        ``pH`` / ``pW`` are the token-grid height / width (``H / kh``, ``W / kw``).
+        """
+        from einops import rearrange
+
+        if process_groups and any(group is not None for group in process_groups):
+            raise NotImplementedError("context-parallel gather is plugged in by the CP layer")
+        kt, kh, kw = self.config.patch_size
+        return rearrange(x, UNPATCHIFY_PATTERN, h=pH, w=pW, kt=kt, kh=kh, kw=kw)
+
+    # ---------------------------------------------------------------- cache
+    def embed_text(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """``[..., Lt, text_dim]`` -> ``[B, text_len, dim]`` (zero-padded to ``text_len`` first)."""
+        config = self.config
+        if text_embeddings.shape[-1] != config.text_dim:
+            raise ValueError(
+                f"text embeddings have width {text_embeddings.shape[-1]}, but the network "
+                f"expects text_dim={config.text_dim} (shape [..., text_len, {config.text_dim}])"
+            )
+        if text_embeddings.ndim < 2:
+            raise ValueError(f"text embeddings must be [..., Lt, text_dim], got {tuple(text_embeddings.shape)}")
+        num_tokens = text_embeddings.shape[-2]
+        if num_tokens > config.text_len:
+            raise ValueError(
+                f"text embeddings have {num_tokens} tokens, more than text_len={config.text_len}"
+            )
+        text = text_embeddings.reshape(-1, num_tokens, config.text_dim)
+        if num_tokens < config.text_len:
+            text = F.pad(text, (0, 0, 0, config.text_len - num_tokens))
+        weight = self.text_embedding[0].weight
+        return self.text_embedding(text.to(weight.dtype))
+
+    def embed_image(self, img_embeddings: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+        config = self.config
+        if not config.cross_attn_enable_img:
+            if img_embeddings is not None:
+                raise ValueError(
+                    "image embeddings were given, but this network has no image cross-attention "
+                    "(cross_attn_enable_img=False)"
+                )
+            return None
+        if img_embeddings is None:
+            raise ValueError(
+                "this network has image cross-attention (cross_attn_enable_img=True): "
+                "image embeddings are required"
+            )
+        if img_embeddings.shape[-1] != config.img_dim:
+            raise ValueError(
+                f"image embeddings have width {img_embeddings.shape[-1]}, but the network "
+                f"expects img_dim={config.img_dim}"
+            )
+        image = img_embeddings.reshape(-1, *img_embeddings.shape[-2:])
+        if image.shape[0] != batch_size:
+            raise ValueError(
+                f"image embeddings have batch {image.shape[0]} but text embeddings have {batch_size}"
+            )
+        return self.img_emb(image.to(self.img_emb.proj[1].weight.dtype))
+
+    @torch.no_grad()
+    def initialize_cache(
+        self,
+        chunk_size: int,
+        window_size: int,
+        sink_size: int,
+        text_embeddings: torch.Tensor,
+        img_embeddings: torch.Tensor | None = None,
+    ) -> WanDiTNetworkCache:
+        """Build the per-block caches of a rollout.
+
+        Args:
+            chunk_size: tokens appended per self-attention update (this rank).
+            window_size: rolling-window size in tokens.
+            sink_size: sink tokens kept from the start of the rollout.
+            text_embeddings: ``[..., Lt, text_dim]`` (UMT5: ``[..., 512, 4096]``).
+            img_embeddings: ``[..., Li, img_dim]`` for I2V networks (CLIP: ``[..., 257, 1280]``).
+
+        Returns:
+            Caches with preallocated self-attention K/V and the cross-attention
+            K/V of the context, computed here once.
+        """
+        text_context = self.embed_text(text_embeddings)
+        batch_size = text_context.shape[0]
+        img_context = self.embed_image(img_embeddings, batch_size)
+        reference = self.blocks[0].self_attn.o.weight
+        caches = []
+        for block in self.blocks:
+            cross_k, cross_v, img_k, img_v = block.cross_attn.context_kv(text_context, img_context)
+            kv = KVCache(
+                batch_size=batch_size,
+                num_heads=self.config.num_heads,
+                head_dim=self.config.head_dim,
+                chunk_size=chunk_size,
+                window_size=window_size,
+                sink_size=sink_size,
+                device=reference.device,
+                dtype=reference.dtype,
+            )
+            caches.append(WanBlockCache(kv, cross_k, cross_v, img_k, img_v))
+        return WanDiTNetworkCache(
+            blocks=caches, chunk_size=chunk_size, window_size=window_size, sink_size=sink_size
+        )
+
+    # -------------------------------------------------------------- forward
+    def _embed_patches(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.concat_padding_mask:
+            # (c kt kh kw) layout: the extra channel's features come last
+            ones = torch.ones(*x.shape[:-1], self.patch_volume, dtype=x.dtype, device=x.device)
+            x = torch.cat([x, ones], dim=-1)
+        if isinstance(self.patch_embedding, nn.Conv3d):
+            # A stride == kernel Conv3d on (c kt kh kw) tokens is a matmul with the flat kernel.
+            weight = self.patch_embedding.weight.flatten(1)
+            return F.linear(x, weight, self.patch_embedding.bias)
+        return self.patch_embedding(x)
+
+    def _time_embeddings(
+        self, timesteps: torch.Tensor, batch_shape: torch.Size, num_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(time_embedding [B, Le, C], time_modulation [B, Le, 6, C])``."""
+        batch_size = math.prod(batch_shape)
+        if timesteps.ndim == len(batch_shape) + 1 and timesteps.shape[-1] == num_tokens:
+            per_sample = timesteps.expand(*batch_shape, num_tokens).reshape(batch_size, num_tokens)
+        elif timesteps.ndim <= len(batch_shape):
+            try:
+                per_sample = timesteps.expand(batch_shape).reshape(batch_size, 1)
+            except RuntimeError:
+                per_sample = None
+            if per_sample is None:
+                raise ValueError(
+                    f"timesteps of shape {tuple(timesteps.shape)} do not broadcast to the batch "
+                    f"shape {tuple(batch_shape)}"
+                )
+        else:
+            raise ValueError(
+                f"timesteps must be per-sample (broadcastable to {tuple(batch_shape)}) or "
+                f"per-token ({tuple(batch_shape) + (num_tokens,)}), got {tuple(timesteps.shape)}"
+            )
+        weight = self.time_embedding[0].weight
+        sinusoid = sinusoidal_timestep_embedding(per_sample.flatten(), self.config.freq_dim)
+        time_embedding = self.time_embedding(sinusoid.to(weight.dtype))
+        time_modulation = self.time_projection(time_embedding)
+        # [B*Le, C] -> [B, Le, C]; [B*Le, 6C] -> [B, Le, 6, C]
+        time_embedding = time_embedding.reshape(batch_size, per_sample.shape[1], -1)
+        time_modulation = time_modulation.reshape(batch_size, per_sample.shape[1], 6, -1)
+        return time_embedding, time_modulation
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        cache: WanDiTNetworkCache,
+        rope_freqs: torch.Tensor | None,
+        current_chunk_idx: int = 0,
+        eager_mode: bool = True,
+        block_extra_kwargs: dict[str, Any] | None = None,
+        *,
+        commit: bool = False,
+        relative_rope: RelativeRope | None = None,
+    ) -> torch.Tensor:
+        """Run one forward over the current chunk.
+
+        Args:
+            x: tokens ``[..., L, D_in]`` (layout ``... (t h w) (c kt kh kw)``).
+            timesteps: per-sample (broadcastable to ``[...]``) or per-token ``[..., L]``
+                float timesteps in ``[0, 1000]``.
+            cache: caches from :meth:`initialize_cache` (batch ``B`` must match).
+            rope_freqs: complex ``[L, 1, head_dim/2]`` freqs of the chunk's absolute
+                positions (``apply_rope_before_kvcache=True``), or ``None`` when
+                ``relative_rope`` rotates relative to the cache.
+            current_chunk_idx: index of this chunk; must equal ``cache.chunk_index``.
+            eager_mode: run the Python bookkeeping after a committing forward
+                (CUDA-graph replays do it outside the graph instead).
+            block_extra_kwargs: forwarded to every block (``self_attn_mask``,
+                ``key_valid_mask``).
+            commit: write this chunk's K/V into the caches (context-noise pass).
+            relative_rope: cache-relative RoPE callback (``apply_rope_before_kvcache=False``).
+
+        Returns:
+            ``[..., L, D_out]`` with ``D_out = out_dim * kt * kh * kw`` (layout ``(c kt kh kw)``).
+        """
+        assert current_chunk_idx == cache.chunk_index, (current_chunk_idx, cache.chunk_index)
+        batch_shape = x.shape[:-2]
+        num_tokens = x.shape[-2]
+        batch_size = math.prod(batch_shape)
+        hidden = self._embed_patches(x.reshape(batch_size, num_tokens, x.shape[-1]))
+        time_embedding, time_modulation = self._time_embeddings(timesteps, batch_shape, num_tokens)
+        extra = block_extra_kwargs or {}
+        for block, block_cache in zip(self.blocks, cache.blocks, strict=True):
+            hidden = block(
+                hidden,
+                time_modulation,
+                block_cache,
+                rope_freqs,
+                commit=commit,
+                relative_rope=relative_rope,
+                **extra,
+            )
+        out = self.head(hidden, time_embedding)
+        if not self._head_channels_first:
+            # (kt kh kw c) -> (c kt kh kw)
+            out = out.unflatten(-1, (self.patch_volume, self.config.out_dim)).transpose(-1, -2)
+            out = out.flatten(-2)
+        if commit and eager_mode:
+            cache.num_committed_chunks[0] += 1
+        return out.reshape(*batch_shape, num_tokens, out.shape[-1])

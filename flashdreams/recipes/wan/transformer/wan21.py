@@ -1,0 +1,505 @@
+"""Wan 2.1 transformer: the Wan DiT behind the infra ``Transformer`` interface.
+
+Shape legend::
+
+    *batch  config.batch_shape        B = prod(batch)
+    T, C, H, W  latent chunk (len_t frames, out_dim channels, latent height/width)
+    L = T*H*W / (kt*kh*kw) tokens      D = out_dim * kt*kh*kw
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from loguru import logger
+
+from flashdreams.infra.diffusion.transformer import (
+    Transformer,
+    TransformerAutoregressiveCache,
+    TransformerConfig,
+)
+from flashdreams.recipes.wan.transformer.cuda_graph import CUDAGraphWrapper
+from flashdreams.recipes.wan.transformer.i2v import (
+    I2VCtrl,
+    conditioned_tokens,
+    stamp_image_latent,
+)
+from flashdreams.recipes.wan.transformer.impl.network import (
+    WanDiTNetwork,
+    WanDiTNetworkCache,
+    WanDiTNetworkConfig,
+)
+from flashdreams.recipes.wan.transformer.impl.rope import WanRope
+
+
+@dataclass(kw_only=True)
+class Wan21TransformerCache(TransformerAutoregressiveCache):
+    """Per-rollout state of :class:`Wan21Transformer`."""
+
+    height: int
+    """Latent height of this rollout (pre-patchify)."""
+    width: int
+    """Latent width of this rollout (pre-patchify)."""
+    network_cache: WanDiTNetworkCache
+    """Conditional-branch network cache (batch ``B``)."""
+    network_cache_uncond: WanDiTNetworkCache | None = None
+    """Unconditional-branch network cache; ``None`` iff CFG is disabled."""
+    batched_network_cache: WanDiTNetworkCache
+    """The cache the forward runs on: ``network_cache`` without CFG, ``[cond; uncond]``
+    stacked along the batch with CFG (the two fields above are views of it)."""
+    rope: WanRope
+    """RoPE table of this rollout's grid."""
+    autoregressive_index: int | None = None
+    """AR step currently being generated (set by :meth:`start`)."""
+    _chunk_freqs: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def chunk_index(self) -> int:
+        """Chunks already committed to the KV cache (= index of the chunk being generated)."""
+        return self.batched_network_cache.chunk_index
+
+    def start(self, autoregressive_index: int) -> None:
+        self.autoregressive_index = autoregressive_index
+
+
+@dataclass(kw_only=True)
+class Wan21TransformerConfig(TransformerConfig):
+    """Config for the Wan 2.1 transformer.
+
+    Holds the temporal layout (``len_t``, ``window_size_t``, ``sink_size_t`` in
+    latent frames), CFG and acceleration knobs. The spatial layout comes per
+    rollout from :meth:`Wan21Transformer.initialize_autoregressive_cache`.
+    The two I2V flags compose; with both, the stamp runs first and the
+    stamped latent is then concatenated with mask and image latent.
+    """
+
+    _target: type[Wan21Transformer] = field(default_factory=lambda: Wan21Transformer)
+    """Always :class:`Wan21Transformer`."""
+    network: WanDiTNetworkConfig = field(default_factory=WanDiTNetworkConfig)
+    """DiT network architecture."""
+    dtype: torch.dtype = torch.bfloat16
+    """Compute dtype of the network (time embedding and modulation stay fp32)."""
+    checkpoint_path: str | None = None
+    """Local checkpoint (safetensors file / index / folder, or weights-only .pth); ``None`` keeps random weights."""
+    state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    """Pre-load state-dict remap (e.g. Self-Forcing's ``generator_ema.model.`` layout or
+    :func:`~flashdreams.recipes.wan.transformer.checkpoint.wan_diffusers_state_dict_transform`)."""
+    batch_shape: tuple[int, ...] = (1,)
+    """Leading batch dims of the latent."""
+    len_t: int = 21
+    """Latent frames per chunk (AR step)."""
+    guidance_scale: float = 1.0
+    """CFG scale ``s``: ``flow = uncond + s * (cond - uncond)``. ``1.0`` disables CFG;
+    ``> 1.0`` requires negative-text embeddings at cache build time."""
+    window_size_t: int = 21
+    """Latent frames of earlier chunks kept in the rolling KV window."""
+    sink_size_t: int = 0
+    """Latent frames at the start of the rollout kept forever (attention sink)."""
+    h_extrapolation_ratio: float = 1.0
+    """RoPE height positions are divided by this (resolution extrapolation)."""
+    w_extrapolation_ratio: float = 1.0
+    """RoPE width positions are divided by this (resolution extrapolation)."""
+    compile_network: bool = True
+    """``torch.compile`` the network on CUDA; skipped (logged once) on CPU."""
+    use_cuda_graph: bool = True
+    """Replay the network from CUDA graphs once the KV cache is in steady state
+    (:class:`~flashdreams.recipes.wan.transformer.cuda_graph.CUDAGraphWrapper`);
+    skipped (logged once) on CPU. Earlier AR steps run through ``wrapper.drain``."""
+    cuda_graph_warmup_iters: int = 2
+    """Eager calls per graph key before capture."""
+    stamp_image_latent: bool = False
+    """Overwrite the noisy latent with the image latent at masked positions every step,
+    and re-stamp the predicted ``x0`` the same way (mask-inject I2V)."""
+    concat_image_mask_to_latent: bool = False
+    """Append the mask and image latent along channels (Wan 2.1 14B I2V: set
+    ``network.in_dim = 16 + 4 + 16``)."""
+    ti2v_first_frame_per_token_timestep: bool = False
+    """Wan 2.2 TI2V 5B: at AR step 0 with an I2V input, use ``first_frame_timestep_value``
+    as the timestep of the masked (first-frame) tokens and the scheduler's elsewhere."""
+    first_frame_timestep_value: float = 0.0
+    """Per-token timestep of first-frame tokens when ``ti2v_first_frame_per_token_timestep``."""
+
+    def __post_init__(self) -> None:
+        self.batch_shape = tuple(self.batch_shape)
+        kt = self.network.patch_size[0]
+        for name in ("len_t", "window_size_t", "sink_size_t"):
+            value = getattr(self, name)
+            if value < 0 or (name == "len_t" and value == 0):
+                raise ValueError(f"{name} must be {'positive' if name == 'len_t' else '>= 0'}, got {value}")
+            if value % kt != 0:
+                raise ValueError(f"{name}={value} is not divisible by the temporal patch size {kt}")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}")
+        if self.cuda_graph_warmup_iters < 0:
+            raise ValueError(f"cuda_graph_warmup_iters must be >= 0, got {self.cuda_graph_warmup_iters}")
+
+
+class Wan21Transformer(Transformer[Wan21TransformerCache]):
+    """Wan 2.1 DiT adapted to the infra :class:`Transformer` interface."""
+
+    def __init__(self, config: Wan21TransformerConfig) -> None:
+        super().__init__(config)
+        self.config: Wan21TransformerConfig = config
+        self.network = WanDiTNetwork(config.network)
+        if config.checkpoint_path is not None:
+            self.load_checkpoint(config.checkpoint_path)
+        self.network.update_parameters_after_loading_checkpoint()
+        self.network.to(config.dtype)
+        self.network.keep_modulation_in_fp32()
+        self._height: int | None = None
+        self._width: int | None = None
+        self._acceleration_resolved = False
+        self._forward_fn: Callable[..., torch.Tensor] = self.network
+        self._graph: CUDAGraphWrapper | None = None
+        self._graph_cache_id: int | None = None
+
+    # ------------------------------------------------------------ checkpoint
+    def load_checkpoint(self, path: str) -> None:
+        """Load weights into the (unfused) network: load -> transform -> strict copy."""
+        from flashdreams.core.checkpoint import load_checkpoint, load_state_dict_into_module
+
+        state_dict = load_checkpoint(path)
+        if self.config.state_dict_transform is not None:
+            state_dict = self.config.state_dict_transform(state_dict)
+        load_state_dict_into_module(self.network, state_dict, strict=True, source=f"checkpoint '{path}'")
+
+    # ---------------------------------------------------------------- layout
+    @property
+    def patch_volume(self) -> int:
+        return math.prod(self.config.network.patch_size)
+
+    def _grid(self) -> tuple[int, int]:
+        assert self._height is not None and self._width is not None, (
+            "height/width are set by initialize_autoregressive_cache()"
+        )
+        _, kh, kw = self.config.network.patch_size
+        return self._height // kh, self._width // kw
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per chunk: ``L = len_t*H*W / (kt*kh*kw)``."""
+        grid_h, grid_w = self._grid()
+        return self.config.len_t // self.config.network.patch_size[0] * grid_h * grid_w
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(*batch_shape, L, D)`` with ``D = out_dim * prod(patch_size)``."""
+        return (*self.config.batch_shape, self.num_tokens, self.config.network.out_dim * self.patch_volume)
+
+    def patchify_and_maybe_split_cp(self, x: Any) -> Any:
+        """Patchify a ``[*batch, T, C, H, W]`` latent, or each field of an :class:`I2VCtrl`."""
+        if isinstance(x, I2VCtrl):
+            return I2VCtrl(
+                latent=self.network.patchify_and_maybe_split_cp(x.latent),
+                mask=self.network.patchify_and_maybe_split_cp(x.mask),
+            )
+        return self.network.patchify_and_maybe_split_cp(x)
+
+    def unpatchify_and_maybe_gather_cp(self, x: torch.Tensor) -> torch.Tensor:
+        grid_h, grid_w = self._grid()
+        return self.network.unpatchify_and_maybe_gather_cp(grid_h, grid_w, x)
+
+    def sample_noise(
+        self,
+        rng: torch.Generator | None,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        in_unpatchified_shape: bool = False,
+    ) -> torch.Tensor:
+        """Initial noise in :attr:`latent_shape`; optionally drawn as ``[*batch, T, C, H, W]`` and patchified."""
+        if not in_unpatchified_shape:
+            return torch.randn(self.latent_shape, generator=rng, device=device, dtype=dtype)
+        assert self._height is not None and self._width is not None
+        shape = (
+            *self.config.batch_shape,
+            self.config.len_t,
+            self.config.network.out_dim,
+            self._height,
+            self._width,
+        )
+        noise = torch.randn(shape, generator=rng, device=device, dtype=dtype)
+        return self.network.patchify_and_maybe_split_cp(noise)
+
+    def sample_noise_like(self, x: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+        """Gaussian noise shaped like the patchified ``x`` (scheduler re-noising)."""
+        return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+
+    # ----------------------------------------------------------------- cache
+    def initialize_autoregressive_cache(
+        self,
+        *,
+        height: int,
+        width: int,
+        text_embeddings: torch.Tensor,
+        image_embeddings: torch.Tensor | None = None,
+        negative_text_embeddings: torch.Tensor | None = None,
+        **_unused: Any,
+    ) -> Wan21TransformerCache:
+        """Build the cache of a new rollout.
+
+        Args:
+            height, width: latent height / width (post-VAE, pre-patchify).
+            text_embeddings: ``[*batch_shape, text_len, text_dim]``.
+            image_embeddings: CLIP embeddings for networks with image
+                cross-attention; shared by the uncond branch.
+            negative_text_embeddings: required iff ``guidance_scale > 1``.
+        """
+        config = self.config
+        _, kh, kw = config.network.patch_size
+        if height <= 0 or width <= 0 or height % kh or width % kw:
+            raise ValueError(
+                f"latent height/width ({height}, {width}) must be positive and divisible by the "
+                f"patch size (kh, kw) = ({kh}, {kw})"
+            )
+        self._check_batch(text_embeddings, "text_embeddings")
+        use_cfg = config.guidance_scale > 1.0
+        if use_cfg and negative_text_embeddings is None:
+            raise ValueError(
+                f"guidance_scale={config.guidance_scale} > 1 enables CFG, which needs "
+                "negative_text_embeddings"
+            )
+        if not use_cfg and negative_text_embeddings is not None:
+            raise ValueError(
+                "negative_text_embeddings were given but guidance_scale=1.0 disables CFG; "
+                "set guidance_scale > 1 or drop them"
+            )
+        self._height, self._width = height, width
+        grid_h, grid_w = height // kh, width // kw
+        tokens_per_frame = grid_h * grid_w
+        kt = config.network.patch_size[0]
+        device = self.network.head.head.weight.device
+        batch_size = math.prod(config.batch_shape)
+        text = text_embeddings.reshape(batch_size, *text_embeddings.shape[-2:])
+        image = image_embeddings
+        if use_cfg:
+            self._check_batch(negative_text_embeddings, "negative_text_embeddings")
+            negative = negative_text_embeddings.reshape(batch_size, *negative_text_embeddings.shape[-2:])
+            if negative.shape[-2] != text.shape[-2]:
+                # zero-pad both to the network's text length so they stack
+                text_len = config.network.text_len
+                text = torch.nn.functional.pad(text, (0, 0, 0, text_len - text.shape[-2]))
+                negative = torch.nn.functional.pad(negative, (0, 0, 0, text_len - negative.shape[-2]))
+            text = torch.cat([text, negative.to(text.dtype)], dim=0)
+            if image is not None:
+                image = image.reshape(batch_size, *image.shape[-2:])
+                image = torch.cat([image, image], dim=0)
+        elif image is not None:
+            image = image.reshape(batch_size, *image.shape[-2:])
+        batched = self.network.initialize_cache(
+            chunk_size=config.len_t // kt * tokens_per_frame,
+            window_size=config.window_size_t // kt * tokens_per_frame,
+            sink_size=config.sink_size_t // kt * tokens_per_frame,
+            text_embeddings=text.to(device),
+            img_embeddings=None if image is None else image.to(device),
+        )
+        rope = WanRope(
+            head_dim=config.network.head_dim,
+            num_height_tokens=grid_h,
+            num_width_tokens=grid_w,
+            h_extrapolation_ratio=config.h_extrapolation_ratio,
+            w_extrapolation_ratio=config.w_extrapolation_ratio,
+            device=device,
+        )
+        if use_cfg:
+            cond = batched.batch_slice(0, batch_size)
+            uncond = batched.batch_slice(batch_size, 2 * batch_size)
+        else:
+            cond, uncond = batched, None
+        return Wan21TransformerCache(
+            height=height,
+            width=width,
+            network_cache=cond,
+            network_cache_uncond=uncond,
+            batched_network_cache=batched,
+            rope=rope,
+        )
+
+    def _check_batch(self, embeddings: torch.Tensor, name: str) -> None:
+        expected = self.config.batch_shape
+        if embeddings.ndim != len(expected) + 2 or tuple(embeddings.shape[:-2]) != expected:
+            raise ValueError(
+                f"{name} must have shape [*batch_shape, tokens, width] with batch_shape="
+                f"{expected}, got {tuple(embeddings.shape)}"
+            )
+
+    # ---------------------------------------------------------------- forward
+    def predict_flow(
+        self,
+        noisy_latent: torch.Tensor,
+        timestep: torch.Tensor,
+        cache: Wan21TransformerCache,
+        input: I2VCtrl | None = None,
+        network_extra_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow of the current chunk (no cache write).
+
+        ``timestep`` is a scalar / per-batch tensor or a per-token tensor
+        ``[*batch, L]``.
+        """
+        return self._forward(noisy_latent, timestep, cache, input, network_extra_kwargs, commit=False)
+
+    def finalize_kv_cache(
+        self,
+        noisy_latent: torch.Tensor,
+        timestep: torch.Tensor,
+        cache: Wan21TransformerCache,
+        input: I2VCtrl | None = None,
+    ) -> None:
+        """Run the context-noise forward that writes this chunk's K/V into the cache."""
+        self._forward(noisy_latent, timestep, cache, input, None, commit=True)
+
+    def postprocess_clean_latent(
+        self,
+        clean_latent: torch.Tensor,
+        cache: Wan21TransformerCache,
+        input: I2VCtrl | None = None,
+    ) -> torch.Tensor:
+        """Re-stamp the known image positions of ``x0`` (mask-inject I2V only)."""
+        if input is not None and self.config.stamp_image_latent:
+            return stamp_image_latent(clean_latent, input, self.patch_volume)
+        return clean_latent
+
+    def _forward(
+        self,
+        noisy_latent: torch.Tensor,
+        timestep: torch.Tensor,
+        cache: Wan21TransformerCache,
+        input: I2VCtrl | None,
+        network_extra_kwargs: dict[str, Any] | None,
+        *,
+        commit: bool,
+    ) -> torch.Tensor:
+        config = self.config
+        batch_shape = config.batch_shape
+        batch_size = math.prod(batch_shape)
+        num_tokens = noisy_latent.shape[-2]
+        x = noisy_latent
+        if input is not None and config.stamp_image_latent:
+            x = stamp_image_latent(x, input, self.patch_volume)
+        timestep = timestep.to(device=x.device, dtype=torch.float32)
+        per_token = timestep.ndim == len(batch_shape) + 1 and timestep.shape[-1] == num_tokens
+        if config.ti2v_first_frame_per_token_timestep and input is not None and cache.chunk_index == 0:
+            first_frame = conditioned_tokens(input, self.patch_volume)  # [*batch, L]
+            base = timestep if per_token else timestep.reshape(*timestep.shape, *([1] * (len(batch_shape) + 1 - timestep.ndim)))
+            timestep = torch.where(first_frame, torch.full_like(base, config.first_frame_timestep_value), base)
+            per_token = True
+        if config.concat_image_mask_to_latent:
+            if input is None:
+                raise ValueError(
+                    "concat_image_mask_to_latent=True needs an I2VCtrl input (mask + image latent)"
+                )
+            x = torch.cat([x, input.mask.to(x.dtype), input.latent.to(x.dtype)], dim=-1)
+        # [*batch, L, D_in] -> [B, L, D_in]; timesteps -> [B] or [B, L]
+        x = x.reshape(batch_size, num_tokens, x.shape[-1])
+        if per_token:
+            t = timestep.expand(*batch_shape, num_tokens).reshape(batch_size, num_tokens)
+        else:
+            t = timestep.expand(batch_shape).reshape(batch_size)
+        use_cfg = cache.network_cache_uncond is not None
+        if use_cfg:
+            x = torch.cat([x, x], dim=0)
+            t = torch.cat([t, t], dim=0)
+        out = self._run_network(
+            x.to(config.dtype), t, cache, commit=commit, block_extra_kwargs=network_extra_kwargs
+        )
+        if use_cfg:
+            cond, uncond = out.float().chunk(2, dim=0)
+            out = uncond + config.guidance_scale * (cond - uncond)
+        return out.reshape(*batch_shape, num_tokens, out.shape[-1]).to(noisy_latent.dtype)
+
+    def _rope_inputs(self, cache: Wan21TransformerCache) -> tuple[torch.Tensor | None, Any]:
+        if not self.config.network.apply_rope_before_kvcache:
+            return None, cache.rope.relative
+        chunk_index = cache.chunk_index
+        if cache._chunk_freqs is None or cache._chunk_freqs[0] != chunk_index:
+            frames_per_chunk = self.config.len_t // self.config.network.patch_size[0]
+            freqs = cache.rope.chunk_freqs(chunk_index * frames_per_chunk, frames_per_chunk)
+            cache._chunk_freqs = (chunk_index, freqs)
+        return cache._chunk_freqs[1], None
+
+    def _resolve_acceleration(self, device: torch.device) -> None:
+        if self._acceleration_resolved:
+            return
+        self._acceleration_resolved = True
+        config = self.config
+        if device.type != "cuda":
+            if config.compile_network or config.use_cuda_graph:
+                logger.info(
+                    f"Wan21Transformer: compile_network={config.compile_network} and "
+                    f"use_cuda_graph={config.use_cuda_graph} are skipped on {device.type}; "
+                    "running the network eagerly"
+                )
+            return
+        if config.compile_network:
+            self._forward_fn = torch.compile(self.network)
+        if config.use_cuda_graph:
+            self._graph = CUDAGraphWrapper(self._graph_call, config.cuda_graph_warmup_iters)
+
+    def _graph_call(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        rope_freqs: torch.Tensor | None,
+        *,
+        cache: WanDiTNetworkCache,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Network call with the per-call tensors first, as :class:`CUDAGraphWrapper` expects."""
+        return self._forward_fn(x, t, cache, rope_freqs, **kwargs)
+
+    @property
+    def cuda_graph_capture_ar_idx(self) -> int:
+        """First AR step whose KV cache is full before the step (steady state)."""
+        config = self.config
+        capacity_t = config.sink_size_t + config.window_size_t
+        return -(-capacity_t // config.len_t)
+
+    def _run_network(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cache: Wan21TransformerCache,
+        *,
+        commit: bool,
+        block_extra_kwargs: dict[str, Any] | None,
+    ) -> torch.Tensor:
+        self._resolve_acceleration(x.device)
+        network_cache = cache.batched_network_cache
+        rope_freqs, relative_rope = self._rope_inputs(cache)
+        chunk_index = network_cache.chunk_index
+        steady = network_cache.is_steady_state and chunk_index >= self.cuda_graph_capture_ar_idx
+        if self._graph is None or not steady or block_extra_kwargs:
+            return self._forward_fn(
+                x,
+                t,
+                network_cache,
+                rope_freqs,
+                chunk_index,
+                True,
+                block_extra_kwargs,
+                commit=commit,
+                relative_rope=relative_rope,
+            )
+        if self._graph_cache_id != id(network_cache):
+            self._graph.reset()
+            self._graph_cache_id = id(network_cache)
+        key = (commit, tuple(x.shape), tuple(t.shape))
+        out = self._graph(
+            key,
+            x,
+            t,
+            rope_freqs,
+            cache=network_cache,
+            current_chunk_idx=chunk_index,
+            eager_mode=False,
+            commit=commit,
+            relative_rope=relative_rope,
+        )
+        if commit:
+            network_cache.num_committed_chunks[0] += 1
+        return out
