@@ -26,7 +26,13 @@ ATOL = 1e-4
 # name, diffusers kwargs, (frames, height, width), text tokens, image tokens
 CASES = {
     "t2v": (
-        dict(in_channels=16, out_channels=16, text_dim=24, num_attention_heads=2, attention_head_dim=16),
+        dict(
+            in_channels=16,
+            out_channels=16,
+            text_dim=24,
+            num_attention_heads=2,
+            attention_head_dim=16,
+        ),
         (3, 4, 6),
         16,
         None,
@@ -47,7 +53,13 @@ CASES = {
         5,
     ),
     "ti2v5b_shaped": (
-        dict(in_channels=48, out_channels=48, text_dim=24, num_attention_heads=2, attention_head_dim=16),
+        dict(
+            in_channels=48,
+            out_channels=48,
+            text_dim=24,
+            num_attention_heads=2,
+            attention_head_dim=16,
+        ),
         (2, 4, 4),
         16,
         None,
@@ -94,9 +106,15 @@ def _run_ours(network, latent, timestep, text, image):
     num_frames, _, height, width = latent.shape[1:]
     tokens = network.patchify_and_maybe_split_cp(latent)
     cache = network.initialize_cache(
-        chunk_size=tokens.shape[1], window_size=0, sink_size=0, text_embeddings=text, img_embeddings=image
+        chunk_size=tokens.shape[1],
+        window_size=0,
+        sink_size=0,
+        text_embeddings=text,
+        img_embeddings=image,
     )
-    rope = WanRope(head_dim=network.config.head_dim, num_height_tokens=height // 2, num_width_tokens=width // 2)
+    rope = WanRope(
+        head_dim=network.config.head_dim, num_height_tokens=height // 2, num_width_tokens=width // 2
+    )
     out = network(tokens, timestep, cache, rope.chunk_freqs(0, num_frames))
     return network.unpatchify_and_maybe_gather_cp(height // 2, width // 2, out)
 

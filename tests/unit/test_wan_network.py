@@ -27,13 +27,19 @@ def _network(**overrides) -> WanDiTNetwork:
 
 
 def _rope(network: WanDiTNetwork) -> WanRope:
-    return WanRope(head_dim=network.config.head_dim, num_height_tokens=GRID[0], num_width_tokens=GRID[1])
+    return WanRope(
+        head_dim=network.config.head_dim, num_height_tokens=GRID[0], num_width_tokens=GRID[1]
+    )
 
 
-def _chunks(network: WanDiTNetwork, num_chunks: int, seed: int = 1) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _chunks(
+    network: WanDiTNetwork, num_chunks: int, seed: int = 1
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     d_in = network.config.in_dim * network.patch_volume
-    chunks = [torch.randn(2, TOKENS_PER_CHUNK, d_in, generator=generator) for _ in range(num_chunks)]
+    chunks = [
+        torch.randn(2, TOKENS_PER_CHUNK, d_in, generator=generator) for _ in range(num_chunks)
+    ]
     text = torch.randn(2, 7, network.config.text_dim, generator=generator)
     return chunks, text
 
@@ -47,8 +53,12 @@ def _stream(network, chunks, text, *, window, sink, relative=False):
 
     def call(x, t, index, commit):
         if relative:
-            return network(x, torch.tensor(t), cache, None, index, commit=commit, relative_rope=rope.relative)
-        return network(x, torch.tensor(t), cache, rope.chunk_freqs(index * LEN_T, LEN_T), index, commit=commit)
+            return network(
+                x, torch.tensor(t), cache, None, index, commit=commit, relative_rope=rope.relative
+            )
+        return network(
+            x, torch.tensor(t), cache, rope.chunk_freqs(index * LEN_T, LEN_T), index, commit=commit
+        )
 
     for index, clean in enumerate(chunks[:-1]):
         call(clean, T_NOISY, index, commit=False)  # a denoising step must not change the cache
@@ -62,7 +72,9 @@ def _full_pass(network, chunks, text, mask):
     num_tokens = x.shape[1]
     t = torch.full((2, num_tokens), T_CONTEXT)
     t[:, -TOKENS_PER_CHUNK:] = T_NOISY
-    cache = network.initialize_cache(chunk_size=num_tokens, window_size=0, sink_size=0, text_embeddings=text)
+    cache = network.initialize_cache(
+        chunk_size=num_tokens, window_size=0, sink_size=0, text_embeddings=text
+    )
     freqs = _rope(network).chunk_freqs(0, LEN_T * len(chunks))
     out = network(x, t, cache, freqs, block_extra_kwargs={"self_attn_mask": mask})
     return out[:, -TOKENS_PER_CHUNK:]
@@ -168,7 +180,9 @@ def test_patchify_rejects_indivisible_latent():
 
 def test_wrong_text_width_and_length_raise():
     network = _network()
-    with pytest.raises(ValueError, match="text embeddings have width 31, but the network expects text_dim=32"):
+    with pytest.raises(
+        ValueError, match="text embeddings have width 31, but the network expects text_dim=32"
+    ):
         network.initialize_cache(4, 0, 0, torch.randn(1, 5, 31))
     with pytest.raises(ValueError, match="text embeddings have 33 tokens, more than text_len=32"):
         network.initialize_cache(4, 0, 0, torch.randn(1, 33, 32))
@@ -181,7 +195,9 @@ def test_image_embeddings_rules():
     i2v = _network(cross_attn_enable_img=True)
     with pytest.raises(ValueError, match="image embeddings are required"):
         i2v.initialize_cache(4, 0, 0, torch.randn(1, 5, 32))
-    with pytest.raises(ValueError, match="image embeddings have width 8, but the network expects img_dim=32"):
+    with pytest.raises(
+        ValueError, match="image embeddings have width 8, but the network expects img_dim=32"
+    ):
         i2v.initialize_cache(4, 0, 0, torch.randn(1, 5, 32), torch.randn(1, 3, 8))
 
 
@@ -212,7 +228,11 @@ def test_set_context_parallel_group_stores_on_blocks():
 
 
 def test_presets_match_published_sizes():
-    small, large, ti2v = WanDiTNetwork1pt3BConfig(), WanDiTNetwork14BConfig(), WanDiTNetworkTI2V5BConfig()
+    small, large, ti2v = (
+        WanDiTNetwork1pt3BConfig(),
+        WanDiTNetwork14BConfig(),
+        WanDiTNetworkTI2V5BConfig(),
+    )
     assert (small.dim, small.ffn_dim, small.num_heads, small.num_layers) == (1536, 8960, 12, 30)
     assert (large.dim, large.ffn_dim, large.num_heads, large.num_layers) == (5120, 13824, 40, 40)
     assert (ti2v.dim, ti2v.ffn_dim, ti2v.num_heads, ti2v.num_layers) == (3072, 14336, 24, 30)

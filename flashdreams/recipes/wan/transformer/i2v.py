@@ -29,7 +29,9 @@ class I2VCtrl:
     """Conditioning mask, 1 = known."""
 
 
-def stamp_mask_features(mask_tokens: torch.Tensor, num_channels: int, patch_volume: int) -> torch.Tensor:
+def stamp_mask_features(
+    mask_tokens: torch.Tensor, num_channels: int, patch_volume: int
+) -> torch.Tensor:
     """Patchified mask ``[..., L, Cm*k]`` -> ``[..., L, num_channels*k]`` (layout ``(c k)``).
 
     A position counts as known when any mask channel marks it.

@@ -129,13 +129,19 @@ class Wan21TransformerConfig(TransformerConfig):
         for name in ("len_t", "window_size_t", "sink_size_t"):
             value = getattr(self, name)
             if value < 0 or (name == "len_t" and value == 0):
-                raise ValueError(f"{name} must be {'positive' if name == 'len_t' else '>= 0'}, got {value}")
+                raise ValueError(
+                    f"{name} must be {'positive' if name == 'len_t' else '>= 0'}, got {value}"
+                )
             if value % kt != 0:
                 raise ValueError(f"{name}={value} is not divisible by the temporal patch size {kt}")
         if self.guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}")
+            raise ValueError(
+                f"guidance_scale must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}"
+            )
         if self.cuda_graph_warmup_iters < 0:
-            raise ValueError(f"cuda_graph_warmup_iters must be >= 0, got {self.cuda_graph_warmup_iters}")
+            raise ValueError(
+                f"cuda_graph_warmup_iters must be >= 0, got {self.cuda_graph_warmup_iters}"
+            )
 
 
 class Wan21Transformer(Transformer[Wan21TransformerCache]):
@@ -165,7 +171,9 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         state_dict = load_checkpoint(path)
         if self.config.state_dict_transform is not None:
             state_dict = self.config.state_dict_transform(state_dict)
-        load_state_dict_into_module(self.network, state_dict, strict=True, source=f"checkpoint '{path}'")
+        load_state_dict_into_module(
+            self.network, state_dict, strict=True, source=f"checkpoint '{path}'"
+        )
 
     # ---------------------------------------------------------------- layout
     @property
@@ -188,7 +196,11 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """``(*batch_shape, L, D)`` with ``D = out_dim * prod(patch_size)``."""
-        return (*self.config.batch_shape, self.num_tokens, self.config.network.out_dim * self.patch_volume)
+        return (
+            *self.config.batch_shape,
+            self.num_tokens,
+            self.config.network.out_dim * self.patch_volume,
+        )
 
     def patchify_and_maybe_split_cp(self, x: Any) -> Any:
         """Patchify a ``[*batch, T, C, H, W]`` latent, or each field of an :class:`I2VCtrl`."""
@@ -278,12 +290,16 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         image = image_embeddings
         if use_cfg:
             self._check_batch(negative_text_embeddings, "negative_text_embeddings")
-            negative = negative_text_embeddings.reshape(batch_size, *negative_text_embeddings.shape[-2:])
+            negative = negative_text_embeddings.reshape(
+                batch_size, *negative_text_embeddings.shape[-2:]
+            )
             if negative.shape[-2] != text.shape[-2]:
                 # zero-pad both to the network's text length so they stack
                 text_len = config.network.text_len
                 text = torch.nn.functional.pad(text, (0, 0, 0, text_len - text.shape[-2]))
-                negative = torch.nn.functional.pad(negative, (0, 0, 0, text_len - negative.shape[-2]))
+                negative = torch.nn.functional.pad(
+                    negative, (0, 0, 0, text_len - negative.shape[-2])
+                )
             text = torch.cat([text, negative.to(text.dtype)], dim=0)
             if image is not None:
                 image = image.reshape(batch_size, *image.shape[-2:])
@@ -341,7 +357,9 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         ``timestep`` is a scalar / per-batch tensor or a per-token tensor
         ``[*batch, L]``.
         """
-        return self._forward(noisy_latent, timestep, cache, input, network_extra_kwargs, commit=False)
+        return self._forward(
+            noisy_latent, timestep, cache, input, network_extra_kwargs, commit=False
+        )
 
     def finalize_kv_cache(
         self,
@@ -383,10 +401,22 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             x = stamp_image_latent(x, input, self.patch_volume)
         timestep = timestep.to(device=x.device, dtype=torch.float32)
         per_token = timestep.ndim == len(batch_shape) + 1 and timestep.shape[-1] == num_tokens
-        if config.ti2v_first_frame_per_token_timestep and input is not None and cache.chunk_index == 0:
+        if (
+            config.ti2v_first_frame_per_token_timestep
+            and input is not None
+            and cache.chunk_index == 0
+        ):
             first_frame = conditioned_tokens(input, self.patch_volume)  # [*batch, L]
-            base = timestep if per_token else timestep.reshape(*timestep.shape, *([1] * (len(batch_shape) + 1 - timestep.ndim)))
-            timestep = torch.where(first_frame, torch.full_like(base, config.first_frame_timestep_value), base)
+            base = (
+                timestep
+                if per_token
+                else timestep.reshape(
+                    *timestep.shape, *([1] * (len(batch_shape) + 1 - timestep.ndim))
+                )
+            )
+            timestep = torch.where(
+                first_frame, torch.full_like(base, config.first_frame_timestep_value), base
+            )
             per_token = True
         if config.concat_image_mask_to_latent:
             if input is None:

@@ -77,7 +77,10 @@ class Wan22TransformerConfig(TransformerConfig):
                     f"Wan 2.2 branches disagree on {name}: high-noise {high_value!r} vs "
                     f"low-noise {low_value!r}"
                 )
-        for branch_name, branch in (("transformer_high_noise", high), ("transformer_low_noise", low)):
+        for branch_name, branch in (
+            ("transformer_high_noise", high),
+            ("transformer_low_noise", low),
+        ):
             if branch.guidance_scale != 1.0:
                 raise ValueError(
                     f"Wan22Transformer does not support CFG: {branch_name}.guidance_scale must be 1.0, "
@@ -152,7 +155,9 @@ class Wan22Transformer(Transformer[Wan22TransformerCache]):
             return self.transformer_high_noise.predict_flow(
                 noisy_latent, timestep, cache.high_noise, input
             )
-        return self.transformer_low_noise.predict_flow(noisy_latent, timestep, cache.low_noise, input)
+        return self.transformer_low_noise.predict_flow(
+            noisy_latent, timestep, cache.low_noise, input
+        )
 
     def finalize_kv_cache(
         self,
@@ -162,7 +167,9 @@ class Wan22Transformer(Transformer[Wan22TransformerCache]):
         input: Any = None,
     ) -> None:
         """Write the context-noise K/V of this chunk into both branches' caches."""
-        self.transformer_high_noise.finalize_kv_cache(noisy_latent, timestep, cache.high_noise, input)
+        self.transformer_high_noise.finalize_kv_cache(
+            noisy_latent, timestep, cache.high_noise, input
+        )
         self.transformer_low_noise.finalize_kv_cache(noisy_latent, timestep, cache.low_noise, input)
 
     def patchify_and_maybe_split_cp(self, x: Any) -> Any:

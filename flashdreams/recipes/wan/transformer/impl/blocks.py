@@ -107,7 +107,9 @@ class WanSelfAttention(nn.Module):
             return
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+        fused = nn.Linear(
+            weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype
+        )
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
         del self.q, self.k, self.v

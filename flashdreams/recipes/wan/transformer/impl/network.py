@@ -81,9 +81,7 @@ class WanDiTNetworkConfig(InstantiateConfig):
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads != 0:
-            raise ValueError(
-                f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})"
-            )
+            raise ValueError(f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
         if self.patch_embedding_type not in ("linear", "conv3d"):
             raise ValueError(
                 f"patch_embedding_type must be 'linear' or 'conv3d', got {self.patch_embedding_type!r}"
@@ -344,7 +342,9 @@ class WanDiTNetwork(nn.Module):
                 f"expects text_dim={config.text_dim} (shape [..., text_len, {config.text_dim}])"
             )
         if text_embeddings.ndim < 2:
-            raise ValueError(f"text embeddings must be [..., Lt, text_dim], got {tuple(text_embeddings.shape)}")
+            raise ValueError(
+                f"text embeddings must be [..., Lt, text_dim], got {tuple(text_embeddings.shape)}"
+            )
         num_tokens = text_embeddings.shape[-2]
         if num_tokens > config.text_len:
             raise ValueError(
@@ -356,7 +356,9 @@ class WanDiTNetwork(nn.Module):
         weight = self.text_embedding[0].weight
         return self.text_embedding(text.to(weight.dtype))
 
-    def embed_image(self, img_embeddings: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    def embed_image(
+        self, img_embeddings: torch.Tensor | None, batch_size: int
+    ) -> torch.Tensor | None:
         config = self.config
         if not config.cross_attn_enable_img:
             if img_embeddings is not None:
