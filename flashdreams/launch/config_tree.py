@@ -35,8 +35,9 @@ CONFIG_CLASS_KEY = "_config_"
 """YAML key that names the config class of a node."""
 
 STATE_DICT_TRANSFORMS: dict[str, str] = {
+    "diffusers_wan_transformer": "flashdreams.recipes.wan.transformer.checkpoint:wan_diffusers_state_dict_transform",
+    "wan_t5": "flashdreams.recipes.wan.encoders.umt5:wan_t5_state_dict_transform",
     "wan22_ti2v_5b_vae": "flashdreams.recipes.wan:wan22_ti2v_5b_vae_state_dict_transform",
-    "diffusers_wan_transformer": "flashdreams.recipes.wan:diffusers_wan_transformer_state_dict_transform",
 }
 """Known state-dict transforms: YAML name -> ``module:attribute``.
 
