@@ -70,7 +70,10 @@ def self_attention(
         commit: keep the chunk's K/V in the cache after attending (the
             context-noise pass); denoising steps attend without keeping.
         context_parallel: strategy that spreads the keys over ranks; ``None``
-            runs torch SDPA locally.
+            runs torch SDPA locally. A strategy with a ``self_attention`` method
+            (:class:`~flashdreams.core.attention.context_parallel.ContextParallelSelfAttention`)
+            takes over the cache read / write too; one with only ``attention``
+            gets the locally staged keys.
         key_valid_mask: ``[L]`` bool, False marks padding tokens of this chunk.
         relative_rope: when set, K/V are cached unrotated and RoPE is applied
             here to the concatenated keys, positions counted from the cache
@@ -81,6 +84,14 @@ def self_attention(
     Returns:
         ``[B, L, H, D]``.
     """
+    if context_parallel is not None and hasattr(context_parallel, "self_attention"):
+        # A strategy that owns the cache layout (ContextParallelSelfAttention): Ulysses must
+        # exchange heads before the cache write, so it runs the whole step itself.
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only supported without context parallelism")
+        return context_parallel.self_attention(
+            q, k, v, kv_cache=kv_cache, commit=commit, relative_rope=relative_rope
+        )
     num_query = q.shape[1]
     if kv_cache is None:
         k_all, v_all = k, v

@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from loguru import logger
 
+from flashdreams.core.distributed.mesh import ContextParallelMesh, build_cp_mesh
+from flashdreams.core.distributed.parallel_dims import ParallelDims
+from flashdreams.core.distributed.sharding import slots_per_rank, split_tokens
 from flashdreams.infra.diffusion.transformer import (
     Transformer,
     TransformerAutoregressiveCache,
@@ -122,6 +125,11 @@ class Wan21TransformerConfig(TransformerConfig):
     as the timestep of the masked (first-frame) tokens and the scheduler's elsewhere."""
     first_frame_timestep_value: float = 0.0
     """Per-token timestep of first-frame tokens when ``ti2v_first_frame_per_token_timestep``."""
+    cp_ulysses_degree: int | None = None
+    """Context parallelism only (world size > 1): ranks per Ulysses group. ``None`` follows
+    ``network.cp_method`` (``"ring"``: 1, ``"ulysses"``: the world size); a divisor of the
+    world size between them selects USP (Ulysses inside groups, ring across them). Must
+    divide ``network.num_heads``."""
 
     def __post_init__(self) -> None:
         self.batch_shape = tuple(self.batch_shape)
@@ -138,19 +146,65 @@ class Wan21TransformerConfig(TransformerConfig):
             raise ValueError(
                 f"guidance_scale must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}"
             )
+        if self.cp_ulysses_degree is not None and self.cp_ulysses_degree < 1:
+            raise ValueError(
+                f"cp_ulysses_degree must be a positive integer or None, got {self.cp_ulysses_degree}"
+            )
         if self.cuda_graph_warmup_iters < 0:
             raise ValueError(
                 f"cuda_graph_warmup_iters must be >= 0, got {self.cuda_graph_warmup_iters}"
             )
 
 
-class Wan21Transformer(Transformer[Wan21TransformerCache]):
-    """Wan 2.1 DiT adapted to the infra :class:`Transformer` interface."""
+def detect_context_parallel_mesh(config: Wan21TransformerConfig) -> ContextParallelMesh | None:
+    """The CP mesh for this process: ``None`` unless ``torch.distributed`` runs > 1 rank.
 
-    def __init__(self, config: Wan21TransformerConfig) -> None:
+    The CP size is the world size; ``config.cp_ulysses_degree`` (or
+    ``network.cp_method``) splits it into Ulysses x ring. Collective: every
+    rank must call it, once, in the same order.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        return None
+    ulysses_degree = config.cp_ulysses_degree
+    if ulysses_degree is None:
+        ulysses_degree = world_size if config.network.cp_method == "ulysses" else 1
+    dims = ParallelDims(
+        world_size, ulysses_degree=ulysses_degree, num_heads=config.network.num_heads
+    )
+    return build_cp_mesh(dims)
+
+
+class Wan21Transformer(Transformer[Wan21TransformerCache]):
+    """Wan 2.1 DiT adapted to the infra :class:`Transformer` interface.
+
+    Under ``torch.distributed`` with more than one rank the transformer runs
+    context-parallel: the mesh is built here, once (or passed in by a parent
+    such as :class:`~flashdreams.recipes.wan.transformer.wan22.Wan22Transformer`
+    to share it), :attr:`latent_shape` is this rank's shard, and every noise
+    draw produces the global tensor and keeps the rank's shard, so a CP run
+    reproduces the single-process run with the same seed.
+    """
+
+    def __init__(
+        self,
+        config: Wan21TransformerConfig,
+        context_parallel_mesh: ContextParallelMesh | None = None,
+    ) -> None:
         super().__init__(config)
         self.config: Wan21TransformerConfig = config
         self.network = WanDiTNetwork(config.network)
+        if context_parallel_mesh is None:
+            context_parallel_mesh = detect_context_parallel_mesh(config)
+        if context_parallel_mesh is not None and context_parallel_mesh.cp_degree == 1:
+            context_parallel_mesh = None
+        # Context-parallel mesh; None on a single rank.
+        self.cp_mesh: ContextParallelMesh | None = context_parallel_mesh
+        self.network.set_context_parallel_group(context_parallel_mesh)
         if config.checkpoint_path is not None:
             self.load_checkpoint(config.checkpoint_path)
         self.network.update_parameters_after_loading_checkpoint()
@@ -194,26 +248,52 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         return self.config.len_t // self.config.network.patch_size[0] * grid_h * grid_w
 
     @property
+    def num_local_tokens(self) -> int:
+        """Token slots of this rank per chunk: ``ceil(L / N)`` under CP (padding included), else ``L``."""
+        if self.cp_mesh is None:
+            return self.num_tokens
+        return slots_per_rank(self.num_tokens, self.cp_mesh.cp_degree)
+
+    @property
     def latent_shape(self) -> tuple[int, ...]:
-        """``(*batch_shape, L, D)`` with ``D = out_dim * prod(patch_size)``."""
+        """``(*batch_shape, L_rank, D)`` with ``D = out_dim * prod(patch_size)``; ``L_rank`` is
+        :attr:`num_local_tokens` (``L`` on a single rank)."""
         return (
             *self.config.batch_shape,
-            self.num_tokens,
+            self.num_local_tokens,
             self.config.network.out_dim * self.patch_volume,
         )
 
+    @property
+    def _cp_groups(self) -> list[Any] | None:
+        return None if self.cp_mesh is None else [self.cp_mesh.cp_group]
+
+    def _split_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's slots of a global token tensor ``[..., L, ...]`` (token dim -2)."""
+        if self.cp_mesh is None:
+            return tokens
+        return split_tokens(tokens, -2, self.cp_mesh.rank, self.cp_mesh.cp_degree)
+
     def patchify_and_maybe_split_cp(self, x: Any) -> Any:
-        """Patchify a ``[*batch, T, C, H, W]`` latent, or each field of an :class:`I2VCtrl`."""
+        """Patchify a ``[*batch, T, C, H, W]`` latent, or each field of an :class:`I2VCtrl`,
+        and keep this rank's token slots under CP."""
+        groups = self._cp_groups
         if isinstance(x, I2VCtrl):
             return I2VCtrl(
-                latent=self.network.patchify_and_maybe_split_cp(x.latent),
-                mask=self.network.patchify_and_maybe_split_cp(x.mask),
+                latent=self.network.patchify_and_maybe_split_cp(x.latent, groups),
+                mask=self.network.patchify_and_maybe_split_cp(x.mask, groups),
             )
-        return self.network.patchify_and_maybe_split_cp(x)
+        return self.network.patchify_and_maybe_split_cp(x, groups)
 
-    def unpatchify_and_maybe_gather_cp(self, x: torch.Tensor) -> torch.Tensor:
+    def unpatchify_and_maybe_gather_cp(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Gather the clean latent on CP rank 0 (padding dropped) and unpatchify it.
+
+        Returns ``[*batch, T, C, H, W]`` on rank 0 and ``None`` on the other ranks.
+        """
         grid_h, grid_w = self._grid()
-        return self.network.unpatchify_and_maybe_gather_cp(grid_h, grid_w, x)
+        return self.network.unpatchify_and_maybe_gather_cp(
+            grid_h, grid_w, x, self._cp_groups, num_tokens=self.num_tokens
+        )
 
     def sample_noise(
         self,
@@ -223,9 +303,20 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         dtype: torch.dtype,
         in_unpatchified_shape: bool = False,
     ) -> torch.Tensor:
-        """Initial noise in :attr:`latent_shape`; optionally drawn as ``[*batch, T, C, H, W]`` and patchified."""
+        """Initial noise in :attr:`latent_shape`; optionally drawn as ``[*batch, T, C, H, W]`` and patchified.
+
+        Under CP every rank draws the global tensor with the same generator and
+        keeps its slots, so all generators advance alike and the shards are
+        those of the single-process draw.
+        """
         if not in_unpatchified_shape:
-            return torch.randn(self.latent_shape, generator=rng, device=device, dtype=dtype)
+            global_shape = (
+                *self.config.batch_shape,
+                self.num_tokens,
+                self.config.network.out_dim * self.patch_volume,
+            )
+            noise = torch.randn(global_shape, generator=rng, device=device, dtype=dtype)
+            return self._split_tokens(noise)
         assert self._height is not None and self._width is not None
         shape = (
             *self.config.batch_shape,
@@ -235,11 +326,20 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             self._width,
         )
         noise = torch.randn(shape, generator=rng, device=device, dtype=dtype)
-        return self.network.patchify_and_maybe_split_cp(noise)
+        return self.patchify_and_maybe_split_cp(noise)
 
     def sample_noise_like(self, x: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
-        """Gaussian noise shaped like the patchified ``x`` (scheduler re-noising)."""
-        return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+        """Gaussian noise shaped like the patchified ``x`` (scheduler re-noising).
+
+        Under CP ``x`` is this rank's shard ``[..., L_rank, D]``: the global
+        ``[..., L, D]`` noise is drawn and split, as in :meth:`sample_noise`.
+        """
+        if self.cp_mesh is None:
+            return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+        assert x.shape[-2] == self.num_local_tokens, (tuple(x.shape), self.num_local_tokens)
+        global_shape = (*x.shape[:-2], self.num_tokens, x.shape[-1])
+        noise = torch.randn(global_shape, generator=rng, device=x.device, dtype=x.dtype)
+        return self._split_tokens(noise)
 
     # ----------------------------------------------------------------- cache
     def initialize_autoregressive_cache(
@@ -449,6 +549,9 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         if cache._chunk_freqs is None or cache._chunk_freqs[0] != chunk_index:
             frames_per_chunk = self.config.len_t // self.config.network.patch_size[0]
             freqs = cache.rope.chunk_freqs(chunk_index * frames_per_chunk, frames_per_chunk)
+            if self.cp_mesh is not None:
+                # [L, 1, d] -> this rank's [L_rank, 1, d]: sliced by global token position.
+                freqs = split_tokens(freqs, 0, self.cp_mesh.rank, self.cp_mesh.cp_degree)
             cache._chunk_freqs = (chunk_index, freqs)
         return cache._chunk_freqs[1], None
 
@@ -467,7 +570,12 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             return
         if config.compile_network:
             self._forward_fn = torch.compile(self.network)
-        if config.use_cuda_graph:
+        if config.use_cuda_graph and self.cp_mesh is not None:
+            logger.info(
+                "Wan21Transformer: use_cuda_graph is skipped under context parallelism "
+                "(ring / Ulysses exchange shard lengths on the host)"
+            )
+        elif config.use_cuda_graph:
             self._graph = CUDAGraphWrapper(self._graph_call, config.cuda_graph_warmup_iters)
 
     def _graph_call(

@@ -16,6 +16,7 @@ from flashdreams.recipes.wan.transformer.wan21 import (
     Wan21Transformer,
     Wan21TransformerCache,
     Wan21TransformerConfig,
+    detect_context_parallel_mesh,
 )
 
 
@@ -109,8 +110,15 @@ class Wan22Transformer(Transformer[Wan22TransformerCache]):
     def __init__(self, config: Wan22TransformerConfig) -> None:
         super().__init__(config)
         self.config: Wan22TransformerConfig = config
-        self.transformer_high_noise: Wan21Transformer = config.transformer_high_noise.setup()
-        self.transformer_low_noise: Wan21Transformer = config.transformer_low_noise.setup()
+        # One context-parallel mesh (process groups are created once) serves both branches;
+        # the high-noise branch's cp settings choose it.
+        mesh = detect_context_parallel_mesh(config.transformer_high_noise)
+        self.transformer_high_noise: Wan21Transformer = config.transformer_high_noise.setup(
+            context_parallel_mesh=mesh
+        )
+        self.transformer_low_noise: Wan21Transformer = config.transformer_low_noise.setup(
+            context_parallel_mesh=mesh
+        )
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -175,7 +183,7 @@ class Wan22Transformer(Transformer[Wan22TransformerCache]):
     def patchify_and_maybe_split_cp(self, x: Any) -> Any:
         return self.transformer_high_noise.patchify_and_maybe_split_cp(x)
 
-    def unpatchify_and_maybe_gather_cp(self, x: torch.Tensor) -> torch.Tensor:
+    def unpatchify_and_maybe_gather_cp(self, x: torch.Tensor) -> torch.Tensor | None:
         return self.transformer_high_noise.unpatchify_and_maybe_gather_cp(x)
 
     def sample_noise(

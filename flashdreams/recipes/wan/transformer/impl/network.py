@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flashdreams.core.attention import KVCache, RelativeRope
+from flashdreams.core.distributed.sharding import gather_tokens, split_tokens
 from flashdreams.infra.config import InstantiateConfig
 from flashdreams.recipes.wan.transformer.impl.blocks import (
     WanBlock,
@@ -30,6 +31,29 @@ from flashdreams.recipes.wan.transformer.impl.blocks import (
 
 PATCHIFY_PATTERN = "... (t kt) c (h kh) (w kw) -> ... (t h w) (c kt kh kw)"
 UNPATCHIFY_PATTERN = "... (t h w) (c kt kh kw) -> ... (t kt) c (h kh) (w kw)"
+
+
+def _cp_axes(
+    process_groups: list[Any] | None, cp_dims: list[int | None] | None
+) -> list[tuple[Any, int]]:
+    """``(group, token dim)`` for every non-``None`` group; Wan splits the token axis only."""
+    if not process_groups:
+        return []
+    dims = list(cp_dims) if cp_dims is not None else [None] * len(process_groups)
+    if len(dims) != len(process_groups):
+        raise ValueError(
+            f"cp_dims has {len(dims)} entries but process_groups has {len(process_groups)}"
+        )
+    axes = []
+    for group, dim in zip(process_groups, dims, strict=True):
+        if group is None:
+            continue
+        if dim not in (None, -2):
+            raise ValueError(
+                f"Wan shards the flattened T*H*W token axis (dim -2); got cp_dims entry {dim}"
+            )
+        axes.append((group, -2))
+    return axes
 
 
 @dataclass(kw_only=True)
@@ -161,7 +185,7 @@ class WanDiTNetworkCache:
     blocks: list[WanBlockCache]
     """Caches of the blocks, in order."""
     chunk_size: int
-    """Tokens per chunk (this rank)."""
+    """Tokens per chunk (all CP ranks together)."""
     window_size: int
     """Rolling-window tokens."""
     sink_size: int
@@ -249,14 +273,39 @@ class WanDiTNetwork(nn.Module):
         return math.prod(self.config.patch_size)
 
     def set_context_parallel_group(self, cp_group: Any = None) -> None:
-        """Store the context-parallel group / context on every block's self-attention.
+        """Set the context-parallel group used by every block's self-attention.
 
-        ``None`` (the default) runs attention locally. Call before
-        :meth:`initialize_cache`. Nothing in ``forward`` reads ranks.
+        Accepts ``None`` (local attention, the default), a
+        ``torch.distributed.ProcessGroup`` (all its ranks form one ring or one
+        Ulysses group, per ``config.cp_method``), a
+        :class:`~flashdreams.core.distributed.ContextParallelMesh` (ring,
+        Ulysses or USP), or a ready strategy object, stored as given. Groups
+        and meshes become one
+        :class:`~flashdreams.core.attention.context_parallel.ContextParallelSelfAttention`
+        shared by the blocks. Call before :meth:`initialize_cache`: the caches
+        are laid out for it. Nothing in ``forward`` reads ranks.
         """
-        self.context_parallel = cp_group
+        from flashdreams.core.attention.context_parallel import make_context_parallel
+
+        strategy = make_context_parallel(
+            cp_group, cp_method=self.config.cp_method, num_heads=self.config.num_heads
+        )
+        if not self.config.apply_rope_before_kvcache and not getattr(
+            strategy, "supports_relative_rope", True
+        ):
+            raise NotImplementedError(
+                "apply_rope_before_kvcache=False (cache-relative RoPE) is not supported with "
+                "ring or USP context parallelism: each rank caches a strided share of the "
+                "sequence; use cp_method='ulysses' (ring degree 1) or absolute RoPE"
+            )
+        self.context_parallel = strategy
         for block in self.blocks:
-            block.self_attn.context_parallel = cp_group
+            block.self_attn.context_parallel = strategy
+
+    @property
+    def cp_mesh(self) -> Any:
+        """The :class:`~flashdreams.core.distributed.ContextParallelMesh` in use, or ``None``."""
+        return getattr(self.context_parallel, "mesh", None)
 
     @torch.no_grad()
     def update_parameters_after_loading_checkpoint(self) -> None:
@@ -297,7 +346,10 @@ class WanDiTNetwork(nn.Module):
     ) -> torch.Tensor:
         """``[..., T, C, H, W]`` -> ``[..., L, C*kt*kh*kw]`` (pattern :data:`PATCHIFY_PATTERN`).
 
-        The context-parallel split is the identity while no group is given.
+        Each non-``None`` group of ``process_groups`` then splits the token axis
+        (``cp_dims`` entries must be ``None`` or ``-2``: Wan shards the flattened
+        ``T*H*W`` tokens) with :func:`~flashdreams.core.distributed.split_tokens`:
+        ``ceil(L / N)`` slots per rank, zero padding at the end of the sequence.
         """
         from einops import rearrange
 
@@ -309,8 +361,10 @@ class WanDiTNetwork(nn.Module):
                 f"by the patch size {self.config.patch_size}"
             )
         tokens = rearrange(x, PATCHIFY_PATTERN, kt=kt, kh=kh, kw=kw)
-        if process_groups and any(group is not None for group in process_groups):
-            raise NotImplementedError("context-parallel split is plugged in by the CP layer")
+        for group, dim in _cp_axes(process_groups, cp_dims):
+            import torch.distributed as dist
+
+            tokens = split_tokens(tokens, dim, dist.get_rank(group), dist.get_world_size(group))
         return tokens
 
     def unpatchify_and_maybe_gather_cp(
@@ -320,15 +374,29 @@ class WanDiTNetwork(nn.Module):
         x: torch.Tensor,
         process_groups: list[Any] | None = None,
         cp_dims: list[int | None] | None = None,
-    ) -> torch.Tensor:
+        *,
+        num_tokens: int | None = None,
+    ) -> torch.Tensor | None:
         """``[..., L, C*kt*kh*kw]`` -> ``[..., T, C, H, W]`` (pattern :data:`UNPATCHIFY_PATTERN`).
 
         ``pH`` / ``pW`` are the token-grid height / width (``H / kh``, ``W / kw``).
+        With groups, the shards are first gathered on rank 0 of each group (a
+        gather, not an all-gather; innermost split first) and the padding is
+        stripped to ``num_tokens`` (default: no padding). Other ranks get ``None``.
         """
         from einops import rearrange
 
-        if process_groups and any(group is not None for group in process_groups):
-            raise NotImplementedError("context-parallel gather is plugged in by the CP layer")
+        axes = _cp_axes(process_groups, cp_dims)
+        for index, (group, dim) in enumerate(reversed(axes)):
+            import torch.distributed as dist
+
+            world_size = dist.get_world_size(group)
+            outermost = index == len(axes) - 1
+            full = x.shape[dim] * world_size
+            target = num_tokens if (outermost and num_tokens is not None) else full
+            x = gather_tokens(x, dim, target, group, dst=0)
+            if x is None:
+                return None
         kt, kh, kw = self.config.patch_size
         return rearrange(x, UNPATCHIFY_PATTERN, h=pH, w=pW, kt=kt, kh=kh, kw=kw)
 
@@ -396,9 +464,10 @@ class WanDiTNetwork(nn.Module):
         """Build the per-block caches of a rollout.
 
         Args:
-            chunk_size: tokens appended per self-attention update (this rank).
-            window_size: rolling-window size in tokens.
-            sink_size: sink tokens kept from the start of the rollout.
+            chunk_size: tokens appended per self-attention update (``L``, all
+                CP ranks together).
+            window_size: rolling-window size in tokens (all ranks together).
+            sink_size: sink tokens kept from the start of the rollout (all ranks together).
             text_embeddings: ``[..., Lt, text_dim]`` (UMT5: ``[..., 512, 4096]``).
             img_embeddings: ``[..., Li, img_dim]`` for I2V networks (CLIP: ``[..., 257, 1280]``).
 
@@ -410,10 +479,13 @@ class WanDiTNetwork(nn.Module):
         batch_size = text_context.shape[0]
         img_context = self.embed_image(img_embeddings, batch_size)
         reference = self.blocks[0].self_attn.o.weight
+        # With context parallelism each rank caches its share of the chunk (see
+        # flashdreams.core.attention.context_parallel); sizes stay global here.
+        make_kv_cache = getattr(self.context_parallel, "make_kv_cache", KVCache)
         caches = []
         for block in self.blocks:
             cross_k, cross_v, img_k, img_v = block.cross_attn.context_kv(text_context, img_context)
-            kv = KVCache(
+            kv = make_kv_cache(
                 batch_size=batch_size,
                 num_heads=self.config.num_heads,
                 head_dim=self.config.head_dim,
