@@ -70,14 +70,27 @@ class ChunkTokenLayout:
     """End of the block's real tokens (``<= block_start + U*S``; padding is excluded)."""
 
     @classmethod
-    def for_mesh(cls, num_tokens: int, mesh: ContextParallelMesh) -> ChunkTokenLayout:
+    def for_block(
+        cls, num_tokens: int, *, cp_degree: int, ulysses_degree: int, ring_index: int
+    ) -> ChunkTokenLayout:
+        """Layout of the block held by the ranks at ``ring_index`` of the mesh."""
         if num_tokens <= 0:
             raise ValueError(f"a chunk needs at least one token, got {num_tokens}")
-        num_slots = slots_per_rank(num_tokens, mesh.cp_degree)
-        block_slots = mesh.ulysses_degree * num_slots
-        start = min(mesh.ring_rank * block_slots, num_tokens)
+        num_slots = slots_per_rank(num_tokens, cp_degree)
+        block_slots = ulysses_degree * num_slots
+        start = min(ring_index * block_slots, num_tokens)
         stop = min(start + block_slots, num_tokens)
         return cls(num_tokens=num_tokens, num_slots=num_slots, block_start=start, block_stop=stop)
+
+    @classmethod
+    def for_mesh(cls, num_tokens: int, mesh: ContextParallelMesh) -> ChunkTokenLayout:
+        """Layout of this rank's block."""
+        return cls.for_block(
+            num_tokens,
+            cp_degree=mesh.cp_degree,
+            ulysses_degree=mesh.ulysses_degree,
+            ring_index=mesh.ring_rank,
+        )
 
     @property
     def num_block_tokens(self) -> int:
@@ -106,22 +119,46 @@ class ContextParallelKVCache(KVCache):
 
     ``chunk_size``, ``window_size`` and ``sink_size`` are this rank's budgets
     (see :meth:`ChunkTokenLayout.cached_count`); ``layout`` says how a chunk is
-    split. Heads are the rank's ``H / U``.
+    split. Heads are the rank's ``H / U``. ``ring_budgets`` lists ``(tokens per
+    chunk, capacity)`` of every block of the ring, so each rank knows every
+    shard length without asking (:meth:`ring_shard_lengths`).
     """
 
-    def __init__(self, *, layout: ChunkTokenLayout, **kwargs: Any) -> None:
+    def __init__(
+        self, *, layout: ChunkTokenLayout, ring_budgets: list[tuple[int, int]], **kwargs: Any
+    ) -> None:
         # A block may hold no real token (tiny chunks on many ranks): keep one
         # slot so the buffers exist; nothing is ever staged into it.
         kwargs["chunk_size"] = max(1, kwargs["chunk_size"])
         super().__init__(**kwargs)
         self.layout = layout
+        self.ring_budgets = ring_budgets
+        self.num_committed_chunks = [0]  # shared with batch slices
 
     def batch_slice(self, start: int, stop: int) -> ContextParallelKVCache:
         view = ContextParallelKVCache._view(
             self, self.k[start:stop], self.v[start:stop], self.valid
         )
         view.layout = self.layout
+        view.ring_budgets = self.ring_budgets
+        view.num_committed_chunks = self.num_committed_chunks
         return view  # type: ignore[return-value]
+
+    def commit(self, num_new: int) -> None:
+        super().commit(num_new)
+        self.num_committed_chunks[0] += 1
+
+    def reset(self) -> None:
+        super().reset()
+        self.num_committed_chunks[0] = 0
+
+    def ring_shard_lengths(self) -> list[int]:
+        """Keys each ring rank attends with for the staged chunk: cached + current."""
+        num_chunks = self.num_committed_chunks[0]
+        return [
+            min(num_chunks * per_chunk, capacity) + per_chunk
+            for per_chunk, capacity in self.ring_budgets
+        ]
 
 
 class ContextParallelSelfAttention:
@@ -170,9 +207,23 @@ class ContextParallelSelfAttention:
         ``window_size`` and ``sink_size`` are global token counts, as for the
         single-rank :class:`KVCache`; they are turned into this rank's share.
         """
-        layout = ChunkTokenLayout.for_mesh(chunk_size, self.mesh)
+        mesh = self.mesh
+        ring_budgets = []
+        for ring_index in range(mesh.ring_degree):
+            block = ChunkTokenLayout.for_block(
+                chunk_size,
+                cp_degree=mesh.cp_degree,
+                ulysses_degree=mesh.ulysses_degree,
+                ring_index=ring_index,
+            )
+            capacity = block.cached_count(window_size, from_end=True) + block.cached_count(
+                sink_size, from_end=False
+            )
+            ring_budgets.append((block.num_block_tokens, capacity))
+        layout = ChunkTokenLayout.for_mesh(chunk_size, mesh)
         return ContextParallelKVCache(
             layout=layout,
+            ring_budgets=ring_budgets,
             batch_size=batch_size,
             num_heads=self.local_num_heads(num_heads),
             head_dim=head_dim,
@@ -242,6 +293,7 @@ class ContextParallelSelfAttention:
                 None,
                 mesh.ring_group,
                 overlap=self.overlap,
+                shard_lens=kv_cache.ring_shard_lengths(),
                 backend=self.backend,
             )
         else:

@@ -57,6 +57,7 @@ def ring_attention(
     *,
     overlap: bool = True,
     kv_len_max: int | None = None,
+    shard_lens: list[int] | None = None,
     backend: str = "auto",
     comm_stats: CommStats | None = None,
 ) -> torch.Tensor:
@@ -72,6 +73,9 @@ def ring_attention(
             ``False`` receives each shard before computing (for measurement).
         kv_len_max: common padded shard length if the caller knows it (skips
             the length all-gather); must be >= every rank's ``Lk_r``.
+        shard_lens: every ring rank's ``Lk_r`` if the caller knows them (skips
+            the length all-gather and the mask transfer); ``kv_len_max`` is then
+            their maximum.
         backend: attention backend name or ``"auto"``; it must return the lse.
         comm_stats: optional byte counter.
 
@@ -90,7 +94,15 @@ def ring_attention(
     prev_rank = (rank - 1) % world_size
 
     local_len = k.shape[1]
-    if kv_len_max is None:
+    if shard_lens is not None:
+        if len(shard_lens) != world_size or shard_lens[rank] != local_len:
+            raise ValueError(
+                f"shard_lens {shard_lens} must list {world_size} lengths with this rank's "
+                f"{local_len} at index {rank}"
+            )
+        shard_lens = list(shard_lens)
+        kv_len_max = max(shard_lens)
+    elif kv_len_max is None:
         shard_lens = all_gather_lengths([local_len], group, q.device, comm_stats)[:, 0].tolist()
         kv_len_max = max(shard_lens)
     else:
