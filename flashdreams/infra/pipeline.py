@@ -25,9 +25,7 @@ class StreamInferencePipelineConfig(InstantiateConfig):
     ``decoder=None`` returns the clean latent unchanged.
     """
 
-    _target: type[StreamInferencePipeline] = field(
-        default_factory=lambda: StreamInferencePipeline
-    )
+    _target: type[StreamInferencePipeline] = field(default_factory=lambda: StreamInferencePipeline)
     """Pipeline class built by ``setup()``."""
     name: str
     """Stable slug of this pipeline variant; ``flashdreams-run <name>`` selects it."""
@@ -174,7 +172,8 @@ class StreamInferencePipeline(
         if profiler is not None:
             profiler.record("diffuse")
 
-        if self.decoder is None:
+        if self.decoder is None or clean_latent is None:
+            # ``None``: a context-parallel rank that does not hold the gathered latent.
             return clean_latent
         output = self.decoder(
             input=clean_latent, autoregressive_index=autoregressive_index, cache=cache.decoder_cache

@@ -1,0 +1,216 @@
+"""Wan inference pipeline (Wan 2.1 / 2.2, T2V and I2V): prompt (+ first frame) -> pixels."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flashdreams.infra.pipeline import (
+    StreamInferencePipeline,
+    StreamInferencePipelineCache,
+    StreamInferencePipelineConfig,
+)
+from flashdreams.recipes.wan.encoders import CLIPImageEncoderConfig, UMT5TextEncoderConfig
+
+
+@dataclass(kw_only=True)
+class WanInferencePipelineConfig(StreamInferencePipelineConfig):
+    """Config for the Wan inference pipeline.
+
+    The inherited ``encoder`` slot selects the mode: ``None`` for T2V, a
+    :class:`~flashdreams.recipes.wan.i2v.WanI2VCtrlEncoderConfig` for I2V.
+    """
+
+    _target: type[WanInferencePipeline] = field(default_factory=lambda: WanInferencePipeline)
+    """Always :class:`WanInferencePipeline`."""
+    text_encoder: UMT5TextEncoderConfig | None = field(default_factory=UMT5TextEncoderConfig)
+    """One-shot prompt encoder (UMT5-XXL for every Wan model)."""
+    image_encoder: CLIPImageEncoderConfig | None = None
+    """One-shot CLIP encoder of the first frame; only for networks with image cross-attention (Wan 2.1 I2V 14B)."""
+    negative_prompt: str = ""
+    """Prompt of the unconditional branch when the transformer's ``guidance_scale > 1``."""
+
+
+@dataclass(kw_only=True)
+class WanInferencePipelineCache(StreamInferencePipelineCache):
+    """Per-rollout state of the Wan pipeline: the inherited caches plus the I2V first frame."""
+
+    image: torch.Tensor | None = None
+    """First-frame pixels ``[*batch, 1, 3, H, W]`` in [-1, 1] (I2V only); encoded per AR step."""
+
+
+class WanInferencePipeline(StreamInferencePipeline):
+    """Wan 2.1 / 2.2 pipeline for T2V and I2V.
+
+    Example::
+
+        cache = pipeline.initialize_cache(text=["A cat surfing."], height=60, width=104)
+        video = pipeline.generate(0, cache)      # [*batch, T, 3, H, W] in [-1, 1]
+        pipeline.finalize(0, cache)
+    """
+
+    def __init__(self, config: WanInferencePipelineConfig) -> None:
+        super().__init__(config)
+        self.config: WanInferencePipelineConfig = config
+        self.text_encoder = None
+        self.image_encoder = None
+
+    # ------------------------------------------------------------------ encoders
+    def _load_oneshot_encoders(self) -> None:
+        device = self.device
+        if self.text_encoder is None and self.config.text_encoder is not None:
+            self.text_encoder = self.config.text_encoder.setup().to(device).eval()
+        if self.image_encoder is None and self.config.image_encoder is not None:
+            self.image_encoder = self.config.image_encoder.setup().to(device).eval()
+
+    def release_oneshot_encoders(self) -> None:
+        """Drop the text and image encoders; the next ``initialize_cache`` rebuilds them. Idempotent."""
+        self.text_encoder = None
+        self.image_encoder = None
+
+    # ------------------------------------------------------------------ rollout
+    @property
+    def _batch_shape(self) -> tuple[int, ...]:
+        transformer_config = self.diffusion_model.transformer.config
+        if hasattr(transformer_config, "batch_shape"):
+            return tuple(transformer_config.batch_shape)
+        return tuple(transformer_config.transformer_high_noise.batch_shape)
+
+    @property
+    def _guidance_scale(self) -> float:
+        return float(getattr(self.diffusion_model.transformer.config, "guidance_scale", 1.0))
+
+    def _latent_size_from_image(
+        self, image: torch.Tensor, height: int | None, width: int | None
+    ) -> tuple[int, int]:
+        batch_shape = self._batch_shape
+        expected_prefix = (*batch_shape, 1, 3)
+        if image.dim() != len(batch_shape) + 4 or tuple(image.shape[:-2]) != expected_prefix:
+            raise ValueError(
+                f"image must have shape [*batch_shape, 1, 3, H, W] = "
+                f"[{', '.join(map(str, expected_prefix))}, H, W], got {list(image.shape)}"
+            )
+        ratio = self._spatial_compression_ratio()
+        pixel_height, pixel_width = image.shape[-2:]
+        if pixel_height % ratio or pixel_width % ratio:
+            raise ValueError(
+                f"image size {pixel_height}x{pixel_width} is not a multiple of the VAE's "
+                f"spatial compression ratio {ratio}"
+            )
+        derived = (pixel_height // ratio, pixel_width // ratio)
+        given = (
+            height if height is not None else derived[0],
+            width if width is not None else derived[1],
+        )
+        if given != derived:
+            raise ValueError(
+                f"image size {pixel_height}x{pixel_width} does not match the latent size "
+                f"{given[0]}x{given[1]} x spatial compression {ratio} "
+                f"(= {given[0] * ratio}x{given[1] * ratio} pixels)"
+            )
+        return derived
+
+    def _spatial_compression_ratio(self) -> int:
+        for codec in (self.decoder, self.encoder):
+            if codec is not None and hasattr(codec, "spatial_compression_ratio"):
+                return int(codec.spatial_compression_ratio)
+        raise ValueError("cannot derive the latent size from an image: no VAE encoder or decoder")
+
+    @torch.no_grad()
+    def initialize_cache(
+        self,
+        text: list[str],
+        image: torch.Tensor | None = None,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        release_oneshot_encoders: bool = True,
+    ) -> WanInferencePipelineCache:
+        """Encode the prompts (and the first frame for I2V) and build a fresh rollout cache.
+
+        ``height`` / ``width`` are latent sizes: required for T2V, derived from
+        ``image`` for I2V. ``len(text)`` must equal the transformer's batch size.
+        """
+        if isinstance(text, str):
+            text = [text]
+        num_prompts = math.prod(self._batch_shape)
+        if len(text) != num_prompts:
+            raise ValueError(
+                f"got {len(text)} prompt(s) but the transformer's batch_shape "
+                f"{self._batch_shape} needs {num_prompts}"
+            )
+        if image is not None and self.encoder is None:
+            raise ValueError(
+                "an image was given but this is a T2V pipeline (no I2V encoder is configured); "
+                "use an I2V pipeline or drop the image"
+            )
+        if image is None and self.encoder is not None:
+            raise ValueError(
+                "this is an I2V pipeline: pass the first frame as image=[*batch, 1, 3, H, W] in [-1, 1]"
+            )
+        if image is not None:
+            height, width = self._latent_size_from_image(image, height, width)
+        elif height is None or width is None:
+            raise ValueError(
+                "T2V needs the latent height and width: initialize_cache(text, height=..., width=...)"
+            )
+
+        self._load_oneshot_encoders()
+        if self.text_encoder is None:
+            raise ValueError(
+                "WanInferencePipelineConfig.text_encoder is None: cannot encode prompts"
+            )
+        device = self.device
+        dtype = self.diffusion_model.dtype
+        text_embeddings = self.text_encoder(list(text)).to(device=device, dtype=dtype)
+        text_embeddings = text_embeddings.reshape(*self._batch_shape, *text_embeddings.shape[1:])
+        transformer_context: dict[str, Any] = dict(
+            height=height, width=width, text_embeddings=text_embeddings
+        )
+        if self._guidance_scale > 1.0:
+            negative = self.text_encoder([self.config.negative_prompt] * num_prompts)
+            transformer_context["negative_text_embeddings"] = negative.to(
+                device=device, dtype=dtype
+            ).reshape(text_embeddings.shape)
+        if image is not None:
+            image = image.to(device)
+            if self.image_encoder is not None:
+                flat_image = image.reshape(num_prompts, *image.shape[-3:])
+                image_embeddings = self.image_encoder(flat_image).to(device=device, dtype=dtype)
+                transformer_context["image_embeddings"] = image_embeddings.reshape(
+                    *self._batch_shape, *image_embeddings.shape[1:]
+                )
+        encoder_context = {}
+        if self.encoder is not None:
+            encoder_context["num_latent_frames"] = self._num_latent_frames_per_chunk()
+        base_cache = super().initialize_cache(
+            transformer_context=transformer_context, encoder_context=encoder_context
+        )
+        if release_oneshot_encoders:
+            self.release_oneshot_encoders()
+        return WanInferencePipelineCache(
+            transformer_cache=base_cache.transformer_cache,
+            encoder_cache=base_cache.encoder_cache,
+            decoder_cache=base_cache.decoder_cache,
+            image=image,
+        )
+
+    def _num_latent_frames_per_chunk(self) -> int:
+        transformer_config = self.diffusion_model.transformer.config
+        if hasattr(transformer_config, "len_t"):
+            return int(transformer_config.len_t)
+        return int(transformer_config.transformer_high_noise.len_t)
+
+    @torch.no_grad()
+    def generate(  # type: ignore[override]
+        self, autoregressive_index: int, cache: WanInferencePipelineCache
+    ) -> torch.Tensor | None:
+        """Generate one decoded chunk ``[*batch, T, 3, H, W]`` in [-1, 1].
+
+        Under context parallelism only rank 0 decodes; other ranks return ``None``.
+        """
+        control = cache.image if self.encoder is not None else None
+        return super().generate(autoregressive_index, cache, input=control)
