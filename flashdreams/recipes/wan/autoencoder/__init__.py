@@ -1,6 +1,5 @@
-"""Wan VAE: streaming causal video encoder / decoder."""
+"""Wan VAE: streaming causal encoder / decoder for Wan 2.1 and Wan 2.2 TI2V 5B."""
 
-from flashdreams.recipes.wan.autoencoder.layers import wan21_diffusers_vae_state_dict_transform
 from flashdreams.recipes.wan.autoencoder.vae import (
     Wan22TI2V5BVAEDecoderConfig,
     Wan22TI2V5BVAEEncoderConfig,
@@ -9,6 +8,9 @@ from flashdreams.recipes.wan.autoencoder.vae import (
     WanVAEDecoderConfig,
     WanVAEEncoder,
     WanVAEEncoderConfig,
+    patchify_video,
+    unpatchify_video,
+    wan21_diffusers_vae_state_dict_transform,
     wan22_ti2v_5b_vae_state_dict_transform,
 )
 
@@ -20,6 +22,8 @@ __all__ = [
     "WanVAEDecoderConfig",
     "WanVAEEncoder",
     "WanVAEEncoderConfig",
+    "patchify_video",
+    "unpatchify_video",
     "wan21_diffusers_vae_state_dict_transform",
     "wan22_ti2v_5b_vae_state_dict_transform",
 ]
