@@ -198,3 +198,13 @@ def test_wrong_pixel_packing_order_loads_but_gives_wrong_images(layout, monkeypa
     print(f"wrong packing: encode error {latent_error:.3e}, decode error {video_error:.3e}")
     assert latent_error > 100 * TOLERANCE, f"wrong packing encode error only {latent_error:.3e}"
     assert video_error > 100 * TOLERANCE, f"wrong packing decode error only {video_error:.3e}"
+
+
+def test_wan22_presets_remap_the_diffusers_layout_by_default():
+    assert (
+        Wan22TI2V5BVAEEncoderConfig().state_dict_transform is wan22_ti2v_5b_vae_state_dict_transform
+    )
+    assert (
+        Wan22TI2V5BVAEDecoderConfig().state_dict_transform is wan22_ti2v_5b_vae_state_dict_transform
+    )
+    assert WanVAEDecoderConfig().state_dict_transform is None  # original Wan2.1_VAE.pth keys
