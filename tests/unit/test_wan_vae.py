@@ -1,86 +1,227 @@
-"""Wan VAE streaming, temporal mappers and configuration errors (tiny random weights)."""
+"""Wan VAE: streaming == one shot, temporal mappers, checkpoints, key layout, errors (tiny random weights)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from loguru import logger
+from safetensors.torch import save_file
 
-from flashdreams.recipes.wan import (
+from flashdreams.recipes.wan.autoencoder import (
     Wan22TI2V5BVAEDecoderConfig,
+    Wan22TI2V5BVAEEncoderConfig,
     WanVAEDecoderConfig,
     WanVAEEncoderConfig,
+    patchify_video,
+    unpatchify_video,
 )
 
-TINY = dict(checkpoint_path=None, dtype=torch.float32, base_dim=8, use_cuda_graph=False)
+TINY = dict(
+    checkpoint_path=None,
+    dtype=torch.float32,
+    base_dim=8,
+    dim_mult=(1, 2, 2, 2),
+    num_res_blocks=1,
+    use_cuda_graph=False,
+)
+WAN21 = (
+    WanVAEEncoderConfig,
+    WanVAEDecoderConfig,
+    dict(z_dim=4, latent_mean=(0.1,) * 4, latent_std=(2.0,) * 4),
+)
+WAN22 = (Wan22TI2V5BVAEEncoderConfig, Wan22TI2V5BVAEDecoderConfig, dict(decoder_base_dim=16))
+LAYOUTS = {"wan21": WAN21, "wan22_ti2v_5b": WAN22}
 
 
 def _build(config_class, **overrides):
     torch.manual_seed(0)
+    if config_class in (Wan22TI2V5BVAEEncoderConfig, WanVAEEncoderConfig):
+        overrides.pop("decoder_base_dim", None)
     return config_class(**{**TINY, **overrides}).setup().eval()
 
 
-def test_streaming_decode_equals_one_shot():
-    decoder = _build(WanVAEDecoderConfig)
-    latent = torch.randn(1, 5, 16, 3, 4)
-    with torch.no_grad():
-        one_shot = decoder(latent)
-        cache = decoder.initialize_autoregressive_cache()
-        chunks = [
-            decoder(latent[:, :2], 0, cache),
-            decoder(latent[:, 2:3], 1, cache),
-            decoder(latent[:, 3:], 2, cache),
-        ]
-    torch.testing.assert_close(torch.cat(chunks, dim=1), one_shot, rtol=0, atol=1e-5)
-    assert (
-        [c.shape[1] for c in chunks]
-        == [
-            decoder.get_output_temporal_size(0, 2),
-            decoder.get_output_temporal_size(1, 1),
-            decoder.get_output_temporal_size(2, 2),
-        ]
-        == [5, 4, 8]
-    )
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@torch.no_grad()
+def test_streaming_decode_equals_one_shot_and_frame_counts_match_mappers(layout):
+    _, decoder_class, extra = LAYOUTS[layout]
+    decoder = _build(decoder_class, **extra)
+    side = decoder.spatial_compression_ratio
+    latent = torch.randn(1, 5, decoder.config.z_dim, 2, 3)
+    one_shot = decoder(latent)
+    cache = decoder.initialize_autoregressive_cache()
+    splits = [(0, 2), (2, 3), (3, 5)]
+    chunks = [decoder(latent[:, a:b], i, cache) for i, (a, b) in enumerate(splits)]
+    error = (torch.cat(chunks, dim=1) - one_shot).abs().max().item()
+    assert error <= 1e-5, f"{layout}: streamed decode differs from one shot by {error:.3e}"
+    counts = [c.shape[1] for c in chunks]
+    assert counts == [decoder.get_output_temporal_size(i, b - a) for i, (a, b) in enumerate(splits)]
+    assert counts == [5, 4, 8]
+    assert [decoder.get_input_temporal_size(i, n) for i, n in enumerate(counts)] == [2, 1, 2]
+    assert one_shot.shape == (1, 17, 3, 2 * side, 3 * side)
+    assert one_shot.abs().max() <= 1.0
 
 
-def test_streaming_encode_equals_one_shot():
-    encoder = _build(WanVAEEncoderConfig)
-    video = torch.rand(1, 13, 3, 16, 16) * 2 - 1
-    with torch.no_grad():
-        one_shot = encoder(video)
-        cache = encoder.initialize_autoregressive_cache()
-        first = encoder(video[:, :5], 0, cache)
-        second = encoder(video[:, 5:], 1, cache)
-    torch.testing.assert_close(torch.cat([first, second], dim=1), one_shot, rtol=0, atol=1e-5)
-    assert first.shape[1] == encoder.get_output_temporal_size(0, 5) == 2
-    assert second.shape[1] == encoder.get_output_temporal_size(1, 8) == 2
-    assert encoder.get_input_temporal_size(0, 2) == 5 and encoder.get_input_temporal_size(1, 2) == 8
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@torch.no_grad()
+def test_streaming_encode_equals_one_shot_and_frame_counts_match_mappers(layout):
+    encoder_class, _, extra = LAYOUTS[layout]
+    encoder = _build(encoder_class, **extra)
+    side = encoder.spatial_compression_ratio
+    video = torch.rand(1, 13, 3, 2 * side, side) * 2 - 1
+    one_shot = encoder(video)
+    cache = encoder.initialize_autoregressive_cache()
+    splits = [(0, 5), (5, 9), (9, 13)]
+    chunks = [encoder(video[:, a:b], i, cache) for i, (a, b) in enumerate(splits)]
+    error = (torch.cat(chunks, dim=1) - one_shot).abs().max().item()
+    assert error <= 1e-5, f"{layout}: streamed encode differs from one shot by {error:.3e}"
+    counts = [c.shape[1] for c in chunks]
+    assert counts == [encoder.get_output_temporal_size(i, b - a) for i, (a, b) in enumerate(splits)]
+    assert counts == [2, 1, 1]
+    assert [encoder.get_input_temporal_size(i, n) for i, n in enumerate(counts)] == [5, 4, 4]
+    assert one_shot.shape == (1, 4, encoder.config.z_dim, 2, 1)
 
 
-def test_cache_really_carries_state():
-    decoder = _build(WanVAEDecoderConfig)
-    latent = torch.randn(1, 2, 16, 3, 4)
-    with torch.no_grad():
-        cache = decoder.initialize_autoregressive_cache()
-        decoder(latent[:, :1], 0, cache)
-        continued = decoder(latent[:, 1:], 1, cache)
-        fresh = decoder(latent[:, 1:], 1, decoder.initialize_autoregressive_cache())
-    assert not torch.allclose(continued, fresh[:, -4:], atol=1e-4)
+@torch.no_grad()
+def test_the_cache_really_carries_state():
+    decoder = _build(WanVAEDecoderConfig, **WAN21[2])
+    latent = torch.randn(1, 2, 4, 2, 2)
+    cache = decoder.initialize_autoregressive_cache()
+    decoder(latent[:, :1], 0, cache)
+    continued = decoder(latent[:, 1:], 1, cache)
+    # A fresh cache treats the same latent frame as the start of a video (one frame out).
+    fresh = decoder(latent[:, 1:], 1, None)
+    assert continued.shape[1] == 4 and fresh.shape[1] == 1
+    assert (continued[:, -1] - fresh[:, -1]).abs().max() > 1e-3
 
 
-def test_ratios_and_inverse_mapper_errors():
-    decoder = _build(WanVAEDecoderConfig)
-    assert decoder.spatial_compression_ratio == 8 and decoder.temporal_compression_ratio == 4
-    assert decoder.get_input_temporal_size(0, 9) == 3 and decoder.get_input_temporal_size(1, 8) == 2
+def test_compression_ratios():
+    assert _build(WanVAEDecoderConfig, **WAN21[2]).spatial_compression_ratio == 8
+    assert _build(WanVAEEncoderConfig, **WAN21[2]).temporal_compression_ratio == 4
+    decoder = _build(Wan22TI2V5BVAEDecoderConfig, **WAN22[2])
+    assert (decoder.spatial_compression_ratio, decoder.temporal_compression_ratio) == (16, 4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@torch.no_grad()
+def test_batch_dims_are_kept_and_batch_items_are_independent(layout):
+    encoder_class, decoder_class, extra = LAYOUTS[layout]
+    encoder, decoder = _build(encoder_class, **extra), _build(decoder_class, **extra)
+    side = encoder.spatial_compression_ratio
+    video = torch.rand(2, 3, 5, 3, side, side) * 2 - 1  # [2, 3, T, 3, H, W]
+    latent = encoder(video)
+    assert latent.shape == (2, 3, 2, encoder.config.z_dim, 1, 1)
+    torch.testing.assert_close(latent[1, 2], encoder(video[1, 2]), rtol=0, atol=1e-5)
+    decoded = decoder(latent)
+    assert decoded.shape == video.shape
+    torch.testing.assert_close(decoded[0, 1], decoder(latent[0, 1]), rtol=0, atol=1e-5)
+
+
+def test_patchify_is_width_offset_first_and_inverts():
+    video = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(1, 2, 1, 4, 4)
+    packed = patchify_video(video, 2)
+    assert packed.shape == (1, 8, 1, 2, 2)
+    # channel index = c * 4 + r * 2 + q, with q the height offset and r the width offset
+    for c in range(2):
+        for q in range(2):
+            for r in range(2):
+                torch.testing.assert_close(
+                    packed[0, c * 4 + r * 2 + q, 0], video[0, c, 0, q::2, r::2]
+                )
+    assert torch.equal(unpatchify_video(packed, 2), video)
+
+
+def test_original_wan_key_layout():
+    encoder = _build(WanVAEEncoderConfig, **WAN21[2])
+    decoder = _build(WanVAEDecoderConfig, **WAN21[2])
+    encoder_keys, decoder_keys = set(encoder.state_dict()), set(decoder.state_dict())
+    assert {
+        "encoder.conv1.weight",
+        "encoder.downsamples.0.residual.0.gamma",
+        "encoder.downsamples.0.residual.2.weight",
+        "encoder.downsamples.2.shortcut.weight",
+        "encoder.downsamples.3.time_conv.weight",  # Resample 'downsample3d' of stage 1
+        "encoder.middle.1.to_qkv.weight",
+        "encoder.head.2.weight",
+        "conv1.weight",
+    } <= encoder_keys
+    assert {
+        "conv2.weight",
+        "decoder.conv1.weight",
+        "decoder.middle.0.residual.6.bias",
+        "decoder.upsamples.2.resample.1.weight",
+        "decoder.upsamples.5.time_conv.weight",
+        "decoder.head.0.gamma",
+    } <= decoder_keys
+    assert not any(k.startswith(("decoder.", "conv2.")) for k in encoder_keys)
+    wan22 = _build(Wan22TI2V5BVAEDecoderConfig, **WAN22[2])
+    assert "decoder.upsamples.0.upsamples.2.resample.1.weight" in wan22.state_dict()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@torch.no_grad()
+def test_original_layout_checkpoint_round_trip(tmp_path, suffix):
+    encoder = _build(WanVAEEncoderConfig, **WAN21[2])
+    decoder = _build(WanVAEDecoderConfig, **WAN21[2])
+    torch.manual_seed(1)
+    for module in (encoder, decoder):
+        for param in module.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    full = {**encoder.state_dict(), **decoder.state_dict()}  # one file, like Wan2.1_VAE.pth
+    path = tmp_path / f"vae{suffix}"
+    if suffix == ".pth":
+        torch.save(full, path)
+    else:
+        save_file({k: v.contiguous() for k, v in full.items()}, str(path))
+    overrides = {**TINY, **WAN21[2], "checkpoint_path": str(path)}
+    loaded_encoder = WanVAEEncoderConfig(**overrides).setup().eval()
+    loaded_decoder = WanVAEDecoderConfig(**overrides).setup().eval()
+    video = torch.rand(1, 5, 3, 8, 8) * 2 - 1
+    torch.testing.assert_close(loaded_encoder(video), encoder(video), rtol=0, atol=0)
+    latent = torch.randn(1, 2, 4, 1, 1)
+    torch.testing.assert_close(loaded_decoder(latent), decoder(latent), rtol=0, atol=0)
+
+
+def test_checkpoint_with_wrong_shapes_is_refused(tmp_path):
+    small = _build(WanVAEDecoderConfig, **WAN21[2])
+    path = tmp_path / "vae.pth"
+    torch.save(small.state_dict(), path)
+    with pytest.raises(ValueError, match=r"shape mismatch for 'conv2.weight'"):
+        WanVAEDecoderConfig(**{**TINY, "checkpoint_path": str(path)}).setup()  # z_dim 16
+
+
+def test_encoder_refuses_wrong_frame_counts():
+    encoder = _build(WanVAEEncoderConfig, **WAN21[2])
     with pytest.raises(
-        ValueError, match=r"8 pixel frames cannot be decoded at AR step 0: it needs 1 \+ 4k frames"
+        ValueError, match=r"got 4 frames; the first chunk of a video needs 1 \+ 4 \* k"
+    ):
+        encoder(torch.zeros(1, 4, 3, 8, 8))
+    cache = encoder.initialize_autoregressive_cache()
+    encoder(torch.zeros(1, 1, 3, 8, 8), 0, cache)
+    with pytest.raises(ValueError, match=r"got 5 frames; later chunks need 4 \* k"):
+        encoder(torch.zeros(1, 5, 3, 8, 8), 1, cache)
+    with pytest.raises(ValueError, match=r"frame size \(8, 12\) must be divisible by .* 8"):
+        encoder(torch.zeros(1, 1, 3, 8, 12))
+    with pytest.raises(
+        ValueError, match=r"cannot take 4 frames at AR step 0: it needs 1 \+ 4 \* k"
+    ):
+        encoder.get_output_temporal_size(0, 4)
+
+
+def test_decoder_refuses_bad_inputs():
+    decoder = _build(WanVAEDecoderConfig, **WAN21[2])
+    with pytest.raises(
+        ValueError, match=r"cannot produce 8 frames at AR step 0: the count must be 1 \+ 4 \* k"
     ):
         decoder.get_input_temporal_size(0, 8)
-
-
-def test_encoder_refuses_wrong_frame_count():
-    encoder = _build(WanVAEEncoderConfig)
-    with pytest.raises(ValueError, match=r"got 4 frames: the encoder needs 1 \+ 4k frames"):
-        encoder(torch.zeros(1, 4, 3, 16, 16))
+    with pytest.raises(
+        ValueError, match=r"cannot produce 9 frames at AR step 1: the count must be 4 \* k"
+    ):
+        decoder.get_input_temporal_size(1, 9)
+    with pytest.raises(
+        ValueError,
+        match=r"expects a latent \[\.\.\., Tl, 4, Hl, Wl\]; got shape \(1, 2, 16, 1, 1\)",
+    ):
+        decoder(torch.zeros(1, 2, 16, 1, 1))
 
 
 def test_remote_default_checkpoint_says_where_to_put_the_file():
@@ -88,15 +229,61 @@ def test_remote_default_checkpoint_says_where_to_put_the_file():
         FileNotFoundError, match=r"remote address .* \./checkpoints/Wan2\.1_VAE\.pth"
     ):
         WanVAEDecoderConfig(dtype=torch.float32).setup()
-
-
-def test_latent_stats_must_match_z_dim():
     with pytest.raises(
-        ValueError, match=r"latent_mean / latent_std need z_dim=8 entries, got 16 / 16"
+        FileNotFoundError,
+        match=r"remote address .* \./checkpoints/diffusion_pytorch_model\.safetensors",
+    ):
+        Wan22TI2V5BVAEEncoderConfig(dtype=torch.float32).setup()
+    with pytest.raises(FileNotFoundError, match=r"Wan VAE encoder checkpoint not found"):
+        WanVAEEncoderConfig(checkpoint_path="/nonexistent/vae.pth").setup()
+
+
+def test_config_errors():
+    with pytest.raises(
+        ValueError, match=r"latent_mean and latent_std need z_dim=8 entries; got 16 and 16"
     ):
         _build(WanVAEDecoderConfig, z_dim=8)
+    with pytest.raises(
+        ValueError, match=r"temporal_downsample needs len\(dim_mult\) - 1 = 3 entries; got 2"
+    ):
+        _build(WanVAEEncoderConfig, temporal_downsample=(True, True))
 
 
-def test_wan22_vae_is_reported_as_missing():
-    with pytest.raises(NotImplementedError, match=r"Wan 2.2 TI2V 5B VAE .* is not implemented yet"):
-        Wan22TI2V5BVAEDecoderConfig(checkpoint_path=None).setup()
+def test_reference_defaults():
+    encoder, decoder = WanVAEEncoderConfig(), WanVAEDecoderConfig()
+    assert (encoder.base_dim, encoder.z_dim, encoder.patch_size, encoder.is_residual) == (
+        96,
+        16,
+        1,
+        False,
+    )
+    assert decoder.decoder_base_dim is None and decoder.dtype == torch.bfloat16
+    assert (decoder.use_cuda_graph, decoder.use_compile) == (True, False)
+    assert decoder.checkpoint_path.endswith("lightx2v/Autoencoders/resolve/main/Wan2.1_VAE.pth")
+    assert len(decoder.latent_mean) == len(decoder.latent_std) == 16
+    wan22 = Wan22TI2V5BVAEDecoderConfig()
+    assert (wan22.base_dim, wan22.decoder_base_dim, wan22.z_dim, wan22.patch_size) == (
+        160,
+        256,
+        48,
+        2,
+    )
+    assert wan22.is_residual and len(wan22.latent_mean) == len(wan22.latent_std) == 48
+    assert wan22.latent_mean[0] == -0.2289 and wan22.latent_std[-1] == 0.7744
+
+
+@torch.no_grad()
+def test_cuda_graph_and_compile_are_skipped_on_cpu_with_one_log_line():
+    messages: list[str] = []
+    sink = logger.add(lambda message: messages.append(str(message)), level="INFO")
+    try:
+        decoder = _build(
+            WanVAEDecoderConfig, **{**WAN21[2], "use_cuda_graph": True, "use_compile": True}
+        )
+        latent = torch.randn(1, 2, 4, 1, 1)
+        decoder(latent)
+        decoder(latent)
+    finally:
+        logger.remove(sink)
+    skipped = [m for m in messages if "use_compile/use_cuda_graph need CUDA" in m]
+    assert len(skipped) == 1, messages
