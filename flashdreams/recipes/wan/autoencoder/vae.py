@@ -12,7 +12,7 @@ frame at a time, and the very first one decodes to a single pixel frame.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,8 +250,8 @@ class _WanVAEMixin:
         std = torch.tensor(config.latent_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.register_buffer("latent_mean", mean, persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("latent_std", std, persistent=False)  # type: ignore[attr-defined]
-        if config.checkpoint_path:
-            self.load_from_checkpoint(config.checkpoint_path)
+        if self._checkpoint is not None:
+            self.load_from_checkpoint(str(self._checkpoint))
         self.to(config.dtype)  # type: ignore[attr-defined]
         self.latent_mean = self.latent_mean.float()
         self.latent_std = self.latent_std.float()
@@ -351,13 +351,13 @@ class WanVAEEncoderConfig(EncoderConfig):
     state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     """Key remap applied to the loaded state dict; ``None`` for the original Wan layout."""
 
-    dim_mult: Sequence[int] = (1, 2, 4, 4)
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     """Channel multiplier of each stage (the real Wan value; smaller in tiny test models)."""
 
     num_res_blocks: int = 2
     """Residual blocks per encoder stage (the decoder has one more)."""
 
-    temporal_downsample: Sequence[bool] = (False, True, True)
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
     """Per down stage but the last: whether it halves time (diffusers' ``temperal_downsample``)."""
 
 
@@ -376,6 +376,14 @@ class WanVAEEncoder(_WanVAEMixin, StreamingVideoEncoder[WanVAECache]):
         super().__init__(config)
         self.config: WanVAEEncoderConfig = config
         _validate_architecture(config)
+        # Fail on a missing / remote checkpoint before building a large model.
+        self._checkpoint = (
+            resolve_local_checkpoint(
+                config.checkpoint_path, what=f"Wan VAE {self._kind} checkpoint"
+            )
+            if config.checkpoint_path
+            else None
+        )
         self.encoder = Encoder3d(
             dim=config.base_dim,
             z_dim=config.z_dim * 2,
@@ -507,13 +515,13 @@ class WanVAEDecoderConfig(DecoderConfig):
     state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     """Key remap applied to the loaded state dict; ``None`` for the original Wan layout."""
 
-    dim_mult: Sequence[int] = (1, 2, 4, 4)
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     """Channel multiplier of each stage, listed encoder-side (the decoder walks it backwards)."""
 
     num_res_blocks: int = 2
     """Residual blocks per encoder stage; decoder stages have ``num_res_blocks + 1``."""
 
-    temporal_downsample: Sequence[bool] = (False, True, True)
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
     """Encoder-side temporal halving per stage; the decoder upsamples time in reverse order."""
 
 
@@ -532,6 +540,14 @@ class WanVAEDecoder(_WanVAEMixin, StreamingVideoDecoder[WanVAECache]):
         super().__init__(config)
         self.config: WanVAEDecoderConfig = config
         _validate_architecture(config)
+        # Fail on a missing / remote checkpoint before building a large model.
+        self._checkpoint = (
+            resolve_local_checkpoint(
+                config.checkpoint_path, what=f"Wan VAE {self._kind} checkpoint"
+            )
+            if config.checkpoint_path
+            else None
+        )
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(
             dim=config.decoder_base_dim or config.base_dim,
