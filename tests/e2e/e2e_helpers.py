@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 FAKE_PIPELINE_DIR = Path(__file__).parent / "fake_pipeline"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,28 +43,9 @@ def run_dirs(root: Path, slug: str) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
 
-def wan_available() -> bool:
-    try:
-        from flashdreams.recipes.wan import WanInferencePipelineConfig  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-requires_wan = pytest.mark.skipif(
-    not wan_available(),
-    reason="flashdreams.recipes.wan (WanInferencePipelineConfig) is not available yet",
-)
-
-
 def tiny_pipeline_args() -> tuple[list[str], bool]:
-    """(CLI args selecting a tiny pipeline, whether it is the test stand-in).
-
-    The real ``wan-tiny-t2v`` slug once ``flashdreams.recipes.wan`` exists, else the stand-in.
-    """
-    if wan_available():
-        return ["wan-tiny-t2v"], False
-    return ["pipeline=fake-tiny"], True
+    """(CLI args selecting the tiny T2V pipeline, whether it is the test stand-in: never)."""
+    return ["wan-tiny-t2v"], False
 
 
 def slurm_is_up() -> tuple[bool, str]:

@@ -11,13 +11,11 @@ from importlib import metadata
 
 import numpy as np
 import pytest
-from e2e_helpers import requires_wan, run_cli, run_dirs
+from e2e_helpers import run_cli, run_dirs
 from safetensors.torch import load_file
 
 from flashdreams.launch.run_config import load_run_config
 from flashdreams.runner.video import read_mp4
-
-pytestmark = requires_wan
 
 
 def _expected_frames(num_chunks: int, len_t: int, temporal_ratio: int = 4) -> int:
@@ -125,11 +123,8 @@ def _plugin_installed() -> bool:
     return True
 
 
-@pytest.mark.skipif(
-    not _plugin_installed(),
-    reason="plugin not installed (pip install -e recipes/self_forcing; .ci/run does)",
-)
 def test_self_forcing_plugin_lists_and_runs(tmp_path):
+    assert _plugin_installed(), "the README's install command installs recipes/self_forcing"
     listed = run_cli(["--list"], tmp_path)
     slugs = [line.split()[0] for line in listed.stdout.splitlines()]
     assert "self-forcing-1.3b" in slugs and "self-forcing-tiny" in slugs

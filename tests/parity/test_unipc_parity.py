@@ -13,13 +13,12 @@ Tolerance: 2e-4 max abs in fp32 (measured <= 6e-6 for every case here).
 
 from __future__ import annotations
 
+import diffusers  # noqa: E402  (dev extra; parity needs the reference)
+import numpy as np  # noqa: E402
 import pytest
 import torch
 
 from flashdreams.infra.diffusion.scheduler import FlowMatchUniPCSchedulerConfig
-
-diffusers = pytest.importorskip("diffusers")
-np = pytest.importorskip("numpy")
 
 TOLERANCE = 2e-4
 LATENT_SHAPE = (1, 4, 3, 8, 8)  # [B, C, T, H, W]

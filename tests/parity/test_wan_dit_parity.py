@@ -8,6 +8,7 @@ Tolerance: max abs difference <= 1e-4 (fp32).
 
 from __future__ import annotations
 
+import diffusers  # noqa: E402  (dev extra; parity needs the reference)
 import pytest
 import torch
 
@@ -18,8 +19,6 @@ from flashdreams.recipes.wan.transformer import (
     wan_diffusers_state_dict_transform,
 )
 from flashdreams.recipes.wan.transformer.impl.rope import WanRope
-
-diffusers = pytest.importorskip("diffusers")
 
 ATOL = 1e-4
 

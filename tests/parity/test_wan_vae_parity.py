@@ -8,6 +8,7 @@ through the project's checkpoint loader + key remap. Tolerance: 1e-4 max abs.
 
 from __future__ import annotations
 
+import diffusers  # noqa: E402  (dev extra; parity needs the reference)
 import pytest
 import torch
 
@@ -20,8 +21,6 @@ from flashdreams.recipes.wan.autoencoder import (
     wan22_ti2v_5b_vae_state_dict_transform,
 )
 from flashdreams.recipes.wan.autoencoder import vae as vae_module
-
-diffusers = pytest.importorskip("diffusers")
 
 TOLERANCE = 1e-4
 TINY_DIMS = dict(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
