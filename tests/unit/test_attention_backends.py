@@ -43,9 +43,9 @@ def test_registry_lists_cpu_and_gpu_backends():
         list_attention_backends()
     )
     q = torch.zeros(1, 1, 1, 4)
-    assert select_attention_backend(q, need_lse=True).name == "math"
+    assert select_attention_backend(q, need_lse=True).name == "cpu_flash"
     assert select_attention_backend(q, need_lse=False).name == "sdpa"
-    with pytest.raises(KeyError, match="unknown attention backend 'nope'; registered: cudnn"):
+    with pytest.raises(KeyError, match="unknown attention backend 'nope'; registered: cpu_flash, cudnn"):
         get_attention_backend("nope")
     with pytest.raises(ValueError, match="attention backend 'flash_attn' runs on cuda, not cpu"):
         attention_with_lse(q, q, q, backend="flash_attn")
@@ -62,6 +62,19 @@ def test_matches_sdpa_with_and_without_mask(backend):
     mask[:, 0] = True
     assert (attention(q, k, v, backend=backend) - sdpa(q, k, v)).abs().max() <= 1e-6
     assert (attention(q, k, v, mask, backend=backend) - sdpa(q, k, v, mask)).abs().max() <= 1e-6
+
+
+def test_cpu_flash_matches_sdpa_and_explicit_lse():
+    q, k, v = qkv()
+    out, lse = attention_with_lse(q, k, v, backend="cpu_flash")
+    assert (out - sdpa(q, k, v)).abs().max() <= 1e-6
+    assert (lse.double() - explicit_lse(q, k, None)).abs().max() <= 1e-5
+    # A trailing-padding mask is served by slicing the keys off.
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[:, 9:] = False
+    out, lse = attention_with_lse(q, k, v, mask, backend="cpu_flash")
+    assert (out - sdpa(q, k, v, mask)).abs().max() <= 1e-6
+    assert (lse.double() - explicit_lse(q, k, mask)).abs().max() <= 1e-5
 
 
 def test_math_lse_and_fully_masked_rows():

@@ -86,7 +86,7 @@ class AttentionBackend:
 
 _REGISTRY: dict[str, AttentionBackend] = {}
 # Order "auto" tries: fastest first on each device.
-_AUTO_ORDER = ["flash_attn", "torch_efficient", "sdpa", "math"]
+_AUTO_ORDER = ["flash_attn", "torch_efficient", "sdpa", "cpu_flash", "math"]
 
 
 def register_attention_backend(backend: AttentionBackend, *, overwrite: bool = False) -> None:
@@ -116,7 +116,7 @@ def select_attention_backend(
     """Resolve ``backend`` (a name or ``"auto"``) for these inputs.
 
     ``"auto"`` takes the first backend of flash_attn, torch_efficient, sdpa,
-    math that fits. A named backend that cannot serve the call raises
+    cpu_flash, math that fits. A named backend that cannot serve the call raises
     ``ValueError`` saying why.
     """
     if backend != "auto":
@@ -306,6 +306,20 @@ def _torch_efficient_attention(q, k, v, key_padding_mask):
     return out.transpose(1, 2).contiguous(), lse[..., : q.shape[1]].float()
 
 
+# ---------------------------------------------------------------------- cpu_flash
+def _cpu_flash_attention(q, k, v, key_padding_mask):
+    """torch's fused CPU flash kernel, which also returns the log-sum-exp (ring on CPU)."""
+    assert key_padding_mask is None
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    )[:2]
+    return out.transpose(1, 2).contiguous(), lse.float()
+
+
+def _cpu_flash_available() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
 # ---------------------------------------------------------------------- flash_attn
 def _flash_attn_attention(q, k, v, key_padding_mask):
     assert key_padding_mask is None
@@ -337,6 +351,18 @@ register_attention_backend(
         dtypes=_FLOAT_DTYPES,
         supports_mask=True,
         returns_lse=False,
+    )
+)
+register_attention_backend(
+    AttentionBackend(
+        name="cpu_flash",
+        fn=_cpu_flash_attention,
+        device_types=("cpu",),
+        dtypes=(torch.float32, torch.bfloat16),
+        supports_mask=False,
+        returns_lse=True,
+        is_available=_cpu_flash_available,
+        install_hint="needs torch >= 2.3",
     )
 )
 register_attention_backend(
