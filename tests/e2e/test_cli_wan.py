@@ -1,6 +1,6 @@
 """flashdreams-run on the real tiny Wan pipelines, as a user runs it (CPU, random weights).
 
-These need ``flashdreams.recipes.wan``; they are skipped with that reason until it exists.
+The bare command, a slug with overrides, a seeds x steps sweep, I2V, torchrun and the plugin.
 """
 
 from __future__ import annotations
@@ -62,6 +62,31 @@ def test_slug_with_overrides(tmp_path):
     len_t = config.pipeline.diffusion_model.transformer.len_t
     frames, _ = read_mp4(run_dir / "video.mp4")
     assert frames.shape == (_expected_frames(3, len_t), 32, 48, 3)
+
+
+def test_sweep_of_seeds_and_steps(tmp_path):
+    result = run_cli(
+        [
+            "wan-tiny-t2v",
+            "-m",
+            "runner.seed=0,1",
+            "pipeline.diffusion_model.scheduler.num_inference_steps=2",
+            "runner.height=32",
+            "runner.width=32",
+            "runner.num_chunks=1",
+            "runner.save_latents=true",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    dirs = run_dirs(tmp_path, "wan-tiny-t2v")
+    assert len(dirs) == 2
+    seeds = sorted(load_run_config(d / "config.yaml").runner.seed for d in dirs)
+    assert seeds == [0, 1]
+    latents = [load_file(str(d / "latents.safetensors"))["latents"] for d in dirs]
+    assert not latents[0].equal(latents[1])
+    for d in dirs:
+        assert read_mp4(d / "video.mp4")[0].shape == (_expected_frames(1, 2), 32, 32, 3)
 
 
 def test_bad_override_on_real_slug(tmp_path):
