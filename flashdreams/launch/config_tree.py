@@ -38,6 +38,7 @@ STATE_DICT_TRANSFORMS: dict[str, str] = {
     "diffusers_wan_transformer": "flashdreams.recipes.wan.transformer.checkpoint:wan_diffusers_state_dict_transform",
     "wan_t5": "flashdreams.recipes.wan.encoders.umt5:wan_t5_state_dict_transform",
     "wan22_ti2v_5b_vae": "flashdreams.recipes.wan:wan22_ti2v_5b_vae_state_dict_transform",
+    "diffusers_wan21_vae": "flashdreams.recipes.wan:wan21_diffusers_vae_state_dict_transform",
 }
 """Known state-dict transforms: YAML name -> ``module:attribute``.
 

@@ -287,3 +287,14 @@ def test_cuda_graph_and_compile_are_skipped_on_cpu_with_one_log_line():
         logger.remove(sink)
     skipped = [m for m in messages if "use_compile/use_cuda_graph need CUDA" in m]
     assert len(skipped) == 1, messages
+
+
+def test_wan21_diffusers_transform_passes_the_original_layout_through():
+    """The conf sets this transform so either layout loads: original keys must be untouched."""
+    from flashdreams.recipes.wan import wan21_diffusers_vae_state_dict_transform
+
+    torch.manual_seed(0)
+    decoder = WanVAEDecoderConfig(checkpoint_path=None, dtype=torch.float32, base_dim=8).setup()
+    encoder = WanVAEEncoderConfig(checkpoint_path=None, dtype=torch.float32, base_dim=8).setup()
+    original = {**decoder.state_dict(), **encoder.state_dict()}
+    assert wan21_diffusers_vae_state_dict_transform(original).keys() == original.keys()
