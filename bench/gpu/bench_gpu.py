@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=12, help="AR chunks per mode")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of the code path")
     parser.add_argument("--record", action="store_true")
+    parser.add_argument("--label", default="", help="label of the RESULTS.md section")
     args = parser.parse_args()
     import torch
 
@@ -181,7 +182,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.record and not args.smoke:
-        record("GPU: Self-Forcing 1.3B shape", command_line(), text)
+        record("GPU: Self-Forcing 1.3B shape", command_line(), text, label=args.label)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,11 @@ class WanRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_float = x.float()
-        normed = x_float * torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # mean of squares from the L2 norm: one reduction pass, no [..., C] temporary
+        mean_square = torch.linalg.vector_norm(x_float, dim=-1, keepdim=True).square_()
+        inv_rms = mean_square.div_(x.shape[-1]).add_(self.eps).rsqrt_()
+        # the product is a fresh tensor (also after the cast), so scale it in place
+        return (x_float * inv_rms).type_as(x).mul_(self.weight)
 
 
 def sinusoidal_timestep_embedding(timesteps: torch.Tensor, freq_dim: int) -> torch.Tensor:
@@ -234,7 +237,10 @@ class WanBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
             self.modulation.float() + time_modulation.float()
         ).unbind(dim=2)
-        normed = (self.norm1(x).float() * (1 + scale_sa) + shift_sa).type_as(x)
+        # The norm outputs and projection outputs below are fresh tensors owned here, so
+        # the modulation and gating update them in place instead of allocating [B, L, C]
+        # temporaries; the residual stream x itself is never written in place.
+        normed = self.norm1(x).float().mul_(1 + scale_sa).add_(shift_sa).type_as(x)
         attn = self.self_attn(
             normed,
             cache.self_kv,
@@ -244,11 +250,18 @@ class WanBlock(nn.Module):
             attention_mask=self_attn_mask,
             key_valid_mask=key_valid_mask,
         )
-        x = (x.float() + attn.float() * gate_sa).type_as(x)
-        x = x + self.cross_attn(self.norm3(x), cache)
-        normed = (self.norm2(x).float() * (1 + scale_ff) + shift_ff).type_as(x)
-        x = (x.float() + self.ffn(normed).float() * gate_ff).type_as(x)
+        x = torch.addcmul(x.float(), attn.float(), gate_sa).type_as(x)
+        x = self.cross_attn(self.norm3(x), cache).add_(x)
+        normed = self.norm2(x).float().mul_(1 + scale_ff).add_(shift_ff).type_as(x)
+        x = torch.addcmul(x.float(), self._ffn(normed).float(), gate_ff).type_as(x)
         return x
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.ffn`` with the GELU applied in place on the hidden activations."""
+        up, activation, down = self.ffn
+        hidden = up(x)
+        torch.ops.aten.gelu_(hidden, approximate=activation.approximate)
+        return down(hidden)
 
 
 class WanHead(nn.Module):
