@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from loguru import logger
@@ -150,19 +148,16 @@ def test_200_chunk_rollout_keeps_cache_storage_constant():
     expected_bytes = 2 * (2 * 1 * (1 + 3 + 1) * 2 * 16 * 4 + (1 + 3 + 1))
     sizes = []
     generator = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
     for index in range(200):
         cache.start(index)
         x = torch.randn(transformer.latent_shape, generator=generator)
         transformer.predict_flow(x, torch.tensor(800.0), cache)
         transformer.finalize_kv_cache(x, torch.tensor(0.0), cache)
         sizes.append(cache.network_cache.self_attention_storage_bytes())
-    elapsed = time.perf_counter() - start
     assert set(sizes) == {expected_bytes}
     assert [block.self_kv.k.data_ptr() for block in blocks] == addresses
     assert cache.chunk_index == 200
     assert all(block.self_kv.num_filled == 4 for block in blocks)
-    assert elapsed < 30, f"200 chunks took {elapsed:.1f}s"
 
 
 @torch.no_grad()
