@@ -310,11 +310,8 @@ class _WanVAEMixin:
 
 
 @dataclass(kw_only=True)
-class WanVAEEncoderConfig(EncoderConfig):
-    """Config of :class:`WanVAEEncoder`; the defaults are the Wan 2.1 VAE (8x space, 4x time, 16 ch)."""
-
-    _target: type[WanVAEEncoder] = field(default_factory=lambda: WanVAEEncoder)
-    """Always :class:`WanVAEEncoder`."""
+class _WanVAEFields:
+    """Fields shared by the Wan VAE encoder and decoder configs."""
 
     checkpoint_path: str | None = WAN21_VAE_CHECKPOINT
     """Local ``.pth`` / ``.safetensors`` file or diffusers folder. The default names the upstream
@@ -331,22 +328,23 @@ class WanVAEEncoderConfig(EncoderConfig):
     can take several GiB of transient memory per input shape. Ignored on CPU."""
 
     base_dim: int = 96
-    """Encoder base channel count: 96 for Wan 2.1, 160 for Wan 2.2 TI2V 5B."""
+    """Base channel count: 96 for Wan 2.1, 160 for Wan 2.2 TI2V 5B (the decoder uses it unless
+    ``decoder_base_dim`` is set)."""
 
     z_dim: int = 16
     """Latent channels: 16 for Wan 2.1, 48 for Wan 2.2 TI2V 5B."""
 
     patch_size: int = 1
-    """Pixel packing before the encoder (2 for Wan 2.2 TI2V 5B, giving 16x spatial compression)."""
+    """Pixel (un)packing around the network (2 for Wan 2.2 TI2V 5B, giving 16x spatial compression)."""
 
     is_residual: bool = False
-    """Wan 2.2 residual down stages (``AvgDown3D`` shortcut) instead of the plain Wan 2.1 stages."""
+    """Wan 2.2 residual stages (``AvgDown3D`` / ``DupUp3D`` shortcuts) instead of the plain Wan 2.1 ones."""
 
     latent_mean: tuple[float, ...] = WAN21_LATENT_MEAN
-    """Per-channel latent mean used for normalisation; ``z_dim`` entries."""
+    """Per-channel latent mean of the normalisation; ``z_dim`` entries."""
 
     latent_std: tuple[float, ...] = WAN21_LATENT_STD
-    """Per-channel latent std used for normalisation; ``z_dim`` entries."""
+    """Per-channel latent std of the normalisation; ``z_dim`` entries."""
 
     state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     """Key remap applied to the loaded state dict; ``None`` for the original Wan layout."""
@@ -355,10 +353,19 @@ class WanVAEEncoderConfig(EncoderConfig):
     """Channel multiplier of each stage (the real Wan value; smaller in tiny test models)."""
 
     num_res_blocks: int = 2
-    """Residual blocks per encoder stage (the decoder has one more)."""
+    """Residual blocks per encoder stage; decoder stages have ``num_res_blocks + 1``."""
 
     temporal_downsample: tuple[bool, ...] = (False, True, True)
-    """Per down stage but the last: whether it halves time (diffusers' ``temperal_downsample``)."""
+    """Per down stage but the last: whether it halves time (diffusers' ``temperal_downsample``);
+    the decoder upsamples time in reverse order."""
+
+
+@dataclass(kw_only=True)
+class WanVAEEncoderConfig(_WanVAEFields, EncoderConfig):
+    """Config of :class:`WanVAEEncoder`; the defaults are the Wan 2.1 VAE (8x space, 4x time, 16 ch)."""
+
+    _target: type[WanVAEEncoder] = field(default_factory=lambda: WanVAEEncoder)
+    """Always :class:`WanVAEEncoder`."""
 
 
 class WanVAEEncoder(_WanVAEMixin, StreamingVideoEncoder[WanVAECache]):
@@ -471,58 +478,14 @@ class WanVAEEncoder(_WanVAEMixin, StreamingVideoEncoder[WanVAECache]):
 
 
 @dataclass(kw_only=True)
-class WanVAEDecoderConfig(DecoderConfig):
+class WanVAEDecoderConfig(_WanVAEFields, DecoderConfig):
     """Config of :class:`WanVAEDecoder`; the defaults are the Wan 2.1 VAE (8x space, 4x time, 16 ch)."""
 
     _target: type[WanVAEDecoder] = field(default_factory=lambda: WanVAEDecoder)
     """Always :class:`WanVAEDecoder`."""
 
-    checkpoint_path: str | None = WAN21_VAE_CHECKPOINT
-    """Local ``.pth`` / ``.safetensors`` file or diffusers folder. The default names the upstream
-    file, which is never downloaded (fetch it and point here). ``None`` or ``""``: random init."""
-
-    dtype: torch.dtype = torch.bfloat16
-    """Parameter and compute dtype."""
-
-    use_cuda_graph: bool = True
-    """On CUDA, compile with CUDA-graph replay (``mode="reduce-overhead"``). Ignored on CPU."""
-
-    use_compile: bool = False
-    """On CUDA, ``torch.compile(mode="max-autotune-no-cudagraphs")``; see
-    :attr:`WanVAEEncoderConfig.use_compile`. Ignored on CPU."""
-
-    base_dim: int = 96
-    """Encoder base channel count; the decoder uses it unless ``decoder_base_dim`` is set."""
-
     decoder_base_dim: int | None = None
     """Decoder base channel count. ``None`` mirrors ``base_dim`` (Wan 2.1); Wan 2.2 TI2V 5B uses 256."""
-
-    z_dim: int = 16
-    """Latent channels: 16 for Wan 2.1, 48 for Wan 2.2 TI2V 5B."""
-
-    patch_size: int = 1
-    """Pixel unpacking after the decoder (2 for Wan 2.2 TI2V 5B, giving 16x spatial compression)."""
-
-    is_residual: bool = False
-    """Wan 2.2 residual up stages (``DupUp3D`` shortcut) instead of the plain Wan 2.1 stages."""
-
-    latent_mean: tuple[float, ...] = WAN21_LATENT_MEAN
-    """Per-channel latent mean used to undo the normalisation; ``z_dim`` entries."""
-
-    latent_std: tuple[float, ...] = WAN21_LATENT_STD
-    """Per-channel latent std used to undo the normalisation; ``z_dim`` entries."""
-
-    state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-    """Key remap applied to the loaded state dict; ``None`` for the original Wan layout."""
-
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    """Channel multiplier of each stage, listed encoder-side (the decoder walks it backwards)."""
-
-    num_res_blocks: int = 2
-    """Residual blocks per encoder stage; decoder stages have ``num_res_blocks + 1``."""
-
-    temporal_downsample: tuple[bool, ...] = (False, True, True)
-    """Encoder-side temporal halving per stage; the decoder upsamples time in reverse order."""
 
 
 class WanVAEDecoder(_WanVAEMixin, StreamingVideoDecoder[WanVAECache]):
