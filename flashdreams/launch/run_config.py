@@ -66,11 +66,18 @@ def run_config_to_container(run_config: RunConfig) -> dict[str, Any]:
     return {name: config_to_container(getattr(run_config, name), path=name) for name in SECTIONS}
 
 
-def save_run_config(container: dict[str, Any], path: str | Path) -> None:
-    """Write the plain-data config as YAML."""
+def run_config_yaml(container: dict[str, Any]) -> str:
+    """The plain-data config as YAML text."""
     from omegaconf import OmegaConf
 
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+    return OmegaConf.to_yaml(OmegaConf.create(container))
+
+
+def save_run_config(container: dict[str, Any], path: str | Path) -> None:
+    """Write the plain-data config as YAML (temporary name, then rename)."""
+    from flashdreams.runner.safety import atomic_write_text
+
+    atomic_write_text(path, run_config_yaml(container))
 
 
 def load_run_config(path: str | Path) -> RunConfig:

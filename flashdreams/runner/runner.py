@@ -9,7 +9,8 @@ Run directory layout (written by rank 0)::
 
     video.mp4            decoded video, appended chunk by chunk
     config.yaml          resolved config of the run (reloads to an equal config)
-    stats.json           per-chunk timings, first-chunk latency, steady FPS, memory, layout
+    stats.json           status (completed / interrupted / failed), per-chunk timings,
+                         first-chunk latency, steady FPS, memory, layout
     latents.safetensors  clean latents of all chunks (runner.save_latents=true)
     log_rank<r>.txt      one log file per rank
 """
@@ -25,6 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from flashdreams.infra.config import InstantiateConfig
+from flashdreams.runner.safety import (
+    RunInterrupted,
+    StopGuard,
+    atomic_write_text,
+    check_finite,
+    maybe_inject_fault,
+)
 
 
 @dataclass(kw_only=True)
@@ -55,6 +63,8 @@ class RunnerConfig(InstantiateConfig):
     """Also write the clean latents of all chunks to ``latents.safetensors``."""
     profile: bool = False
     """Time every stage of every AR step (sets ``pipeline.enable_sync_and_profile``)."""
+    check_finite: bool = True
+    """Fail at the first AR step whose latent holds NaN/Inf (one cheap reduction per chunk)."""
 
 
 @dataclass(kw_only=True)
@@ -71,6 +81,25 @@ class RunContext:
     """Torch device of this rank."""
     resolved_config: dict[str, Any] | None = None
     """Plain-data config of the run; rank 0 saves it as ``config.yaml``."""
+    stop_guard: StopGuard | None = None
+    """SIGTERM / peer-failure handler of the process; the runner holds stop requests back
+    while a chunk is appended to the video."""
+
+
+@dataclass
+class RolloutProgress:
+    """Where the rollout is; read by the launcher to report failures and by ``stats.json``."""
+
+    prompt_index: int = 0
+    """Prompt being rolled out."""
+    autoregressive_index: int | None = None
+    """AR step in progress, ``None`` before the first ``generate``."""
+    stage: str = "build"
+    """``build``, ``initialize``, ``generate``, ``write``, ``finalize`` or ``done``."""
+    last_completed_chunk: int | None = None
+    """Last AR step of the current prompt that was written and finalized."""
+    num_chunks_written: int = 0
+    """Chunks appended to any video by this run (rank 0)."""
 
 
 def _peak_host_memory_mib() -> float:
@@ -89,8 +118,29 @@ def validate_runner_config(config: RunnerConfig) -> None:
         raise ValueError(f"runner.fps must be positive, got {config.fps}")
     if config.prompts_file is not None and not Path(config.prompts_file).is_file():
         raise FileNotFoundError(f"runner.prompts_file: no such file '{config.prompts_file}'")
-    if config.image is not None and not Path(config.image).is_file():
-        raise FileNotFoundError(f"runner.image: no such file '{config.image}'")
+    if config.image is not None:
+        if not Path(config.image).is_file():
+            raise FileNotFoundError(f"runner.image: no such file '{config.image}'")
+        _check_image_readable(config.image)
+
+
+def _check_image_readable(path: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(
+            f"runner.image: cannot read '{path}' as an image ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no details'}); give a PNG or JPEG file"
+        ) from None
+
+
+def _nearby_multiples(value: int, multiple: int) -> str:
+    lower = (value // multiple) * multiple
+    choices = [c for c in (lower, lower + multiple) if c > 0]
+    return " or ".join(str(c) for c in choices)
 
 
 class Runner:
@@ -102,6 +152,9 @@ class Runner:
         self.context = context
         self.is_writer = context.rank == 0
         validate_runner_config(config)
+        self.progress = RolloutProgress()
+        """Where the rollout is (read by the launcher when a run fails)."""
+        self.rollouts: list[dict[str, Any]] = []
 
     # ---- inputs -------------------------------------------------------------
 
@@ -147,13 +200,39 @@ class Runner:
         return pipeline.to(self.context.device).eval()
 
     @staticmethod
-    def _latent_size(pipeline: Any, height: int, width: int) -> tuple[int, int]:
+    def _spatial_patch_size(pipeline: Any) -> tuple[int, int]:
+        """The transformer's (height, width) patch size, (1, 1) when it does not say."""
+        diffusion_model = getattr(pipeline, "diffusion_model", None)
+        config = getattr(getattr(diffusion_model, "transformer", None), "config", None)
+        for holder in (config, getattr(config, "transformer_high_noise", None)):
+            patch_size = getattr(getattr(holder, "network", None), "patch_size", None)
+            if patch_size is not None:
+                return int(patch_size[-2]), int(patch_size[-1])
+        return 1, 1
+
+    @classmethod
+    def _latent_size(cls, pipeline: Any, height: int, width: int) -> tuple[int, int]:
+        """Latent (height, width); ``ValueError`` naming sizes that work otherwise."""
         decoder = getattr(pipeline, "decoder", None)
         ratio = int(getattr(decoder, "spatial_compression_ratio", 1) or 1)
-        if height % ratio or width % ratio:
+        patch_height, patch_width = cls._spatial_patch_size(pipeline)
+        multiple_height, multiple_width = ratio * patch_height, ratio * patch_width
+        problems = []
+        if height % multiple_height:
+            problems.append(
+                f"runner.height={height} is not a multiple of {multiple_height} "
+                f"(try {_nearby_multiples(height, multiple_height)})"
+            )
+        if width % multiple_width:
+            problems.append(
+                f"runner.width={width} is not a multiple of {multiple_width} "
+                f"(try {_nearby_multiples(width, multiple_width)})"
+            )
+        if problems:
             raise ValueError(
-                f"runner.height={height} and runner.width={width} must be multiples of the "
-                f"decoder's spatial compression ratio {ratio}"
+                "; ".join(problems) + f". Pixel sizes must be multiples of the VAE's spatial "
+                f"compression {ratio} x the transformer's patch size "
+                f"{patch_height}x{patch_width}"
             )
         return height // ratio, width // ratio
 
@@ -169,7 +248,13 @@ class Runner:
     # ---- rollout ---------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Roll out every prompt; returns the stats that rank 0 writes to ``stats.json``."""
+        """Roll out every prompt; returns the stats that rank 0 writes to ``stats.json``.
+
+        On SIGTERM or an error after chunks were written, rank 0 still closes the
+        video (so it plays) and writes ``stats.json`` with ``status`` set to
+        ``interrupted`` or ``failed`` and the last completed chunk; then the
+        exception propagates.
+        """
         import torch
         from loguru import logger
 
@@ -178,10 +263,11 @@ class Runner:
         prompts = self.prompts()
         if self.is_writer:
             run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "stats.json").unlink(missing_ok=True)  # a stale success marker
             if context.resolved_config is not None:
-                from flashdreams.launch.run_config import save_run_config
+                from flashdreams.launch.run_config import run_config_yaml
 
-                save_run_config(context.resolved_config, run_dir / "config.yaml")
+                atomic_write_text(run_dir / "config.yaml", run_config_yaml(context.resolved_config))
 
         started = time.perf_counter()
         pipeline = self.build_pipeline()
@@ -190,32 +276,48 @@ class Runner:
         latent_height, latent_width = self._latent_size(
             pipeline, self.config.height, self.config.width
         )
-
-        rollouts = []
-        all_latents: dict[str, torch.Tensor] = {}
-        for prompt_index, prompt in enumerate(prompts):
-            name = "video.mp4" if len(prompts) == 1 else f"video_{prompt_index:03d}.mp4"
-            rollout, latents = self._rollout(
-                pipeline, prompt, run_dir / name, latent_height, latent_width
-            )
-            rollout["prompt"] = prompt
-            rollout["video"] = name
-            rollouts.append(rollout)
-            if latents is not None:
-                key = "latents" if len(prompts) == 1 else f"latents_{prompt_index:03d}"
-                all_latents[key] = latents
-
         stats: dict[str, Any] = {
+            "status": "running",
             "pipeline": self.pipeline_config.name,
             "world_size": context.world_size,
             "cp_layout": self._cp_layout(pipeline),
             "device": str(context.device),
             "build_s": build_s,
-            "total_s": time.perf_counter() - started,
-            "peak_host_memory_mib": _peak_host_memory_mib(),
-            "rollouts": rollouts,
         }
-        first = rollouts[0]
+
+        all_latents: dict[str, torch.Tensor] = {}
+        try:
+            for prompt_index, prompt in enumerate(prompts):
+                self.progress.prompt_index = prompt_index
+                self.progress.last_completed_chunk = None
+                name = "video.mp4" if len(prompts) == 1 else f"video_{prompt_index:03d}.mp4"
+                rollout: dict[str, Any] = {"prompt": prompt, "video": name, "chunks": []}
+                self.rollouts.append(rollout)
+                latents = self._rollout(
+                    pipeline, prompt, run_dir / name, latent_height, latent_width, rollout
+                )
+                if latents is not None:
+                    key = "latents" if len(prompts) == 1 else f"latents_{prompt_index:03d}"
+                    all_latents[key] = latents
+        except BaseException as error:
+            if self.is_writer and self.progress.num_chunks_written > 0:
+                interrupted = isinstance(error, RunInterrupted) or (
+                    context.stop_guard is not None and context.stop_guard.interrupted
+                )
+                stats["status"] = "interrupted" if interrupted else "failed"
+                stats["error"] = f"{type(error).__name__}: {error}"
+                self._finish_stats(stats, started)
+                self._write_stats(stats)
+                logger.warning(
+                    f"run {stats['status']}: {self.progress.num_chunks_written} chunk(s) kept in "
+                    f"{run_dir} (last completed AR step {self.progress.last_completed_chunk})"
+                )
+            raise
+
+        self.progress.stage = "done"
+        stats["status"] = "completed"
+        self._finish_stats(stats, started)
+        first = self.rollouts[0]
         stats["first_chunk_latency_s"] = first["first_chunk_latency_s"]
         stats["steady_fps"] = first["steady_fps"]
         stats["chunks"] = first["chunks"]
@@ -229,12 +331,32 @@ class Runner:
                     {k: v.detach().float().cpu().contiguous() for k, v in all_latents.items()},
                     str(run_dir / "latents.safetensors"),
                 )
-            (run_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+            self._write_stats(stats)  # last: its presence with status "completed" marks success
             logger.info(
                 f"wrote {run_dir} (first chunk {stats['first_chunk_latency_s']:.2f} s, "
                 f"steady {stats['steady_fps'] or float('nan'):.2f} FPS)"
             )
         return stats
+
+    def _finish_stats(self, stats: dict[str, Any], started: float) -> None:
+        stats["prompt_index"] = self.progress.prompt_index
+        stats["last_completed_chunk"] = self.progress.last_completed_chunk
+        stats["num_chunks_written"] = self.progress.num_chunks_written
+        stats["total_s"] = time.perf_counter() - started
+        stats["peak_host_memory_mib"] = _peak_host_memory_mib()
+        stats["rollouts"] = self.rollouts
+        if stats["status"] != "completed" and self.rollouts:
+            stats["chunks"] = self.rollouts[-1]["chunks"]
+
+    def _write_stats(self, stats: dict[str, Any]) -> None:
+        atomic_write_text(self.context.run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+
+    def _critical(self):
+        """Hold SIGTERM back while a chunk is appended (no half chunks in the video)."""
+        from contextlib import nullcontext
+
+        guard = self.context.stop_guard
+        return guard.critical() if guard is not None else nullcontext()
 
     def _cp_layout(self, pipeline: Any) -> dict[str, Any]:
         layout: dict[str, Any] = {"cp_size": self.context.world_size}
@@ -253,44 +375,70 @@ class Runner:
         return tqdm(total=total, desc=prompt[:40], unit="chunk", file=sys.stderr)
 
     def _rollout(
-        self, pipeline: Any, prompt: str, video_path: Path, latent_height: int, latent_width: int
+        self,
+        pipeline: Any,
+        prompt: str,
+        video_path: Path,
+        latent_height: int,
+        latent_width: int,
+        rollout: dict[str, Any],
     ):
+        """One prompt's rollout; fills ``rollout`` as it goes; returns the stacked latents."""
         import torch
         from loguru import logger
 
         from flashdreams.runner.video import Mp4Writer, video_to_uint8_frames
 
         config = self.config
+        rank = self.context.rank
+        progress_state = self.progress
         image = self.first_frame(config.height, config.width)
         if image is not None:
             image = image.to(self.context.device)
         writer = Mp4Writer(video_path, fps=config.fps) if self.is_writer else None
         progress = self._progress(config.num_chunks, prompt)
-        chunks: list[dict[str, Any]] = []
+        chunks: list[dict[str, Any]] = rollout["chunks"]
         latents: list[torch.Tensor] = []
         rollout_start = time.perf_counter()
-        first_chunk_latency_s = float("nan")
+        rollout["first_chunk_latency_s"] = float("nan")
         log_every = max(1, config.num_chunks // 10)
         try:
+            progress_state.stage = "initialize"
             cache = pipeline.initialize_cache(
                 text=[prompt], image=image, height=latent_height, width=latent_width
             )
             for index in range(config.num_chunks):
+                progress_state.autoregressive_index = index
+                progress_state.stage = "generate"
                 t0 = time.perf_counter()
+                maybe_inject_fault(rank, index, "generate")
                 video = pipeline.generate(index, cache)
+                final_state = getattr(cache, "final_state", None)
+                local_latent = getattr(final_state, "clean_latent", None)
+                maybe_inject_fault(rank, index, "generate", latent=local_latent)
+                if config.check_finite:
+                    check_finite(local_latent, index)
+                    if video is not None:
+                        check_finite(video, index)
                 if config.save_latents:
                     latent = self._chunk_latent(pipeline, cache)
                     if latent is not None:
                         latents.append(latent.detach().float().cpu())
                 t1 = time.perf_counter()
+                progress_state.stage = "write"
+                maybe_inject_fault(rank, index, "write")
                 num_frames = 0
                 if writer is not None and video is not None:
                     frames = video_to_uint8_frames(video.reshape(-1, *video.shape[-4:])[0])
-                    writer.append(frames)
+                    with self._critical():
+                        writer.append(frames)
+                        progress_state.num_chunks_written += 1
                     num_frames = int(frames.shape[0])
                 t2 = time.perf_counter()
                 if index == 0:
-                    first_chunk_latency_s = t2 - rollout_start
+                    rollout["first_chunk_latency_s"] = t2 - rollout_start
+                progress_state.stage = "finalize"
+                maybe_inject_fault(rank, index, "finalize")
                 profile_stats = pipeline.finalize(index, cache)
                 t3 = time.perf_counter()
                 chunk = {
@@ -304,6 +452,7 @@ class Runner:
                 if profile_stats:
                     chunk["profile"] = profile_stats
                 chunks.append(chunk)
+                progress_state.last_completed_chunk = index
                 if progress is not None:
                     progress.update(1)
                 elif self.is_writer and (
@@ -315,17 +464,13 @@ class Runner:
                     )
         finally:
             if writer is not None:
-                writer.close()
+                with self._critical():
+                    writer.close()
             if progress is not None:
                 progress.close()
         steady = chunks[1:]
         steady_time = sum(chunk["total_s"] for chunk in steady)
         steady_frames = sum(chunk["num_frames"] for chunk in steady)
-        rollout = {
-            "num_frames": sum(chunk["num_frames"] for chunk in chunks),
-            "first_chunk_latency_s": first_chunk_latency_s,
-            "steady_fps": steady_frames / steady_time if steady and steady_time > 0 else None,
-            "chunks": chunks,
-        }
-        stacked = torch.cat(latents, dim=-4) if latents else None
-        return rollout, stacked
+        rollout["num_frames"] = sum(chunk["num_frames"] for chunk in chunks)
+        rollout["steady_fps"] = steady_frames / steady_time if steady and steady_time > 0 else None
+        return torch.cat(latents, dim=-4) if latents else None

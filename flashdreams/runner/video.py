@@ -56,9 +56,14 @@ class Mp4Writer:
         self.num_frames += num_frames
 
     def close(self) -> None:
+        """Finish the file so it plays; safe to call twice and after ffmpeg already exited
+        (e.g. it got the same SIGTERM as the job)."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except BrokenPipeError:
+                pass
 
 
 def read_mp4(path: str | Path) -> tuple[np.ndarray, float]:

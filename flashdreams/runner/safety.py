@@ -1,0 +1,386 @@
+"""Run safety: atomic files, SIGTERM handling, non-finite checks, rank-failure notices, fault injection.
+
+Long jobs on shared clusters must not hang, must not write silently wrong
+output and must keep the chunks they already produced. The pieces here are
+small and independent; the runner and the launcher wire them together:
+
+* :func:`atomic_write_text`: ``config.yaml`` / ``stats.json`` are written to a
+  temporary name in the same directory and renamed, so a reader never sees a
+  half-written file.
+* :class:`StopGuard`: a SIGTERM handler (what SLURM sends on preemption and at
+  the time limit) that turns the signal into :class:`RunInterrupted` in the
+  main thread, deferred while a chunk is being appended to the video.
+* :func:`check_finite`: NaN/Inf in a chunk's latent raises
+  :class:`NonFiniteOutputError` naming the AR step.
+* :class:`RankFailureChannel`: a failing rank posts ``rank r failed at AR step
+  k`` to the process group's key-value store; a watchdog thread on every other
+  rank reads it and stops that rank (a status broadcast that needs no
+  collective, so it also reaches ranks blocked inside one).
+* :func:`maybe_inject_fault`: the test-only fault-injection hook, read from one
+  environment variable in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXIT_RUNTIME_ERROR = 1
+"""Exit code of a run that failed at run time (a rank failed, non-finite output, ...)."""
+EXIT_INTERRUPTED = 128 + signal.SIGTERM
+"""Exit code of a run stopped by SIGTERM (the shell convention, 143)."""
+
+FAULT_INJECTION_ENV = "FLASHDREAMS_FAULT_INJECTION"
+"""Test-only: ``rank=<r>,step=<k>,stage=<generate|write|finalize>[,kind=<error|nan|sigterm>]``."""
+
+FAULT_STAGES = ("generate", "write", "finalize")
+FAULT_KINDS = ("error", "nan", "sigterm")
+
+
+# ---- atomic files ------------------------------------------------------------------
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    A crash or a signal at any point leaves either the old file or the new one,
+    never a truncated mix.
+    """
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+    )
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ---- stop requests: SIGTERM and failures of other ranks --------------------------------
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM arrived (preemption or time limit). A ``BaseException`` so no ``except
+    Exception`` on the way swallows it."""
+
+    def __init__(self, signal_number: int = signal.SIGTERM) -> None:
+        self.signal_number = signal_number
+        super().__init__(f"interrupted by {signal.Signals(signal_number).name}")
+
+
+class PeerRankFailed(RuntimeError):
+    """Another rank reported a failure; this rank stops too."""
+
+    def __init__(self, report: FailureReport) -> None:
+        self.report = report
+        super().__init__(f"stopping because {report.describe()}")
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A generated chunk holds NaN or Inf values."""
+
+
+class StopGuard:
+    """Turns SIGTERM, or a stop request from another thread, into an exception in the main thread.
+
+    Inside :meth:`critical` (appending a chunk to the video) the exception is
+    held back until the block ends, so the video never holds half a chunk.
+    Use as a context manager around the run; it restores the previous handler.
+    """
+
+    def __init__(self) -> None:
+        self.received_signal: int | None = None
+        self._pending: BaseException | None = None
+        self._requested: BaseException | None = None
+        self._critical_depth = 0
+        self._previous_handler: Any = None
+        self._installed = False
+
+    def __enter__(self) -> StopGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._installed = False
+
+    def _handle(self, signal_number: int, _frame: Any) -> None:
+        if self._requested is not None:
+            error, self._requested = self._requested, None
+        else:
+            self.received_signal = signal_number
+            error = RunInterrupted(signal_number)
+        if self._critical_depth > 0:
+            self._pending = self._pending or error
+            return
+        raise error
+
+    def request_stop(self, error: BaseException) -> None:
+        """From any thread: raise ``error`` in the main thread as soon as it runs Python code."""
+        import _thread
+
+        self._requested = error
+        if self._installed:
+            _thread.interrupt_main(signal.SIGTERM)
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether a real SIGTERM arrived."""
+        return self.received_signal is not None
+
+    @contextmanager
+    def critical(self) -> Iterator[None]:
+        """Hold back stop requests until the block ends."""
+        self._critical_depth += 1
+        try:
+            yield
+        finally:
+            self._critical_depth -= 1
+        if self._critical_depth == 0 and self._pending is not None:
+            error, self._pending = self._pending, None
+            raise error
+
+
+# ---- non-finite output -------------------------------------------------------------------
+
+
+def check_finite(latent: Any, autoregressive_index: int) -> None:
+    """Raise :class:`NonFiniteOutputError` naming the AR step when ``latent`` holds NaN or Inf."""
+    import torch
+
+    if latent is None or not torch.is_floating_point(latent):
+        return
+    finite = torch.isfinite(latent)
+    if bool(finite.all()):
+        return
+    num_bad = int((~finite).sum())
+    raise NonFiniteOutputError(
+        f"AR step {autoregressive_index}: the generated latent holds {num_bad} NaN/Inf "
+        f"value(s) out of {latent.numel()}; the chunk was not written. Check the weights, "
+        "the dtype and the scheduler settings (runner.check_finite=false disables this check)"
+    )
+
+
+# ---- rank failure notices ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """What a failing rank tells the others."""
+
+    rank: int
+    """Global rank that failed."""
+    autoregressive_index: int | None
+    """AR step it was in, ``None`` before the rollout started."""
+    stage: str
+    """``build``, ``generate``, ``write``, ``finalize``, ..."""
+    message: str
+    """``ExceptionType: message`` of the original error."""
+
+    def describe(self) -> str:
+        where = (
+            f"at AR step {self.autoregressive_index} ({self.stage})"
+            if self.autoregressive_index is not None
+            else f"during {self.stage}"
+        )
+        return f"rank {self.rank} failed {where}: {self.message}"
+
+    def encode(self) -> bytes:
+        import json
+
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> FailureReport:
+        import json
+
+        return cls(**json.loads(payload.decode()))
+
+
+class RankFailureChannel:
+    """Failure notices through a key-value store every rank can reach (the torch.distributed store).
+
+    The first rank to fail writes its :class:`FailureReport`; a watchdog thread
+    on every rank polls the store and hands a :class:`PeerRankFailed` to the
+    :class:`StopGuard`. If the main thread is stuck inside a collective and
+    cannot take the exception, the watchdog ends the process after
+    ``grace_s`` (exit code 1). No collective is involved, so a dead or hung
+    peer cannot block the notice.
+    """
+
+    KEY = "flashdreams/failure"
+    COUNT_KEY = "flashdreams/num_failures"
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        rank: int,
+        guard: StopGuard,
+        poll_interval_s: float = 0.2,
+        grace_s: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.rank = rank
+        self.guard = guard
+        self.poll_interval_s = poll_interval_s
+        self.grace_s = grace_s
+        self.peer_failure: FailureReport | None = None
+        self._posted = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name="flashdreams-failure-watchdog", daemon=True
+        )
+
+    @classmethod
+    def from_environment(cls, *, rank: int, guard: StopGuard, **kwargs: Any) -> RankFailureChannel:
+        """A channel on a new client of the store at ``MASTER_ADDR:MASTER_PORT``."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        store = dist.TCPStore(
+            os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=30),
+        )
+        return cls(store, rank=rank, guard=guard, **kwargs)
+
+    def start(self) -> RankFailureChannel:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def post(self, report: FailureReport) -> None:
+        """Tell every rank that this one failed (only the first failure of the job is kept)."""
+        if self._posted:
+            return
+        self._posted = True
+        try:
+            with self._lock:
+                if self.store.add(self.COUNT_KEY, 1) == 1:
+                    self.store.set(self.KEY, report.encode())
+        except Exception:  # noqa: BLE001 - the store may be gone with rank 0; exiting anyway
+            pass
+
+    def read(self) -> FailureReport | None:
+        with self._lock:
+            if not self.store.check([self.KEY]):
+                return None
+            return FailureReport.decode(self.store.get(self.KEY))
+
+    def _watch(self) -> None:
+        from loguru import logger
+
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                report = self.read()
+            except Exception:  # noqa: BLE001 - store unreachable: the job is going down
+                return
+            if report is None or report.rank == self.rank or self._posted:
+                continue
+            self.peer_failure = report
+            logger.error(f"rank {self.rank}: stopping because {report.describe()}")
+            self.guard.request_stop(PeerRankFailed(report))
+            if self._stop.wait(self.grace_s):
+                return
+            logger.error(
+                f"rank {self.rank}: still blocked {self.grace_s:.0f} s after {report.describe()}; "
+                "exiting"
+            )
+            os._exit(EXIT_RUNTIME_ERROR)
+
+
+# ---- fault injection (tests only) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Parsed :data:`FAULT_INJECTION_ENV`."""
+
+    rank: int
+    step: int
+    stage: str
+    kind: str = "error"
+
+
+def parse_fault_injection(text: str | None) -> FaultInjection | None:
+    """``rank=1,step=2,stage=generate[,kind=error]`` -> :class:`FaultInjection`; empty -> ``None``."""
+    if not text:
+        return None
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, separator, value = part.partition("=")
+        if not separator:
+            raise ValueError(f"{FAULT_INJECTION_ENV}: expected key=value pairs, got {text!r}")
+        fields[key.strip()] = value.strip()
+    unknown = set(fields) - {"rank", "step", "stage", "kind"}
+    if unknown or not {"rank", "step", "stage"} <= set(fields):
+        raise ValueError(
+            f"{FAULT_INJECTION_ENV}: use rank=<r>,step=<k>,stage=<{'|'.join(FAULT_STAGES)}>"
+            f"[,kind=<{'|'.join(FAULT_KINDS)}>], got {text!r}"
+        )
+    injection = FaultInjection(
+        rank=int(fields["rank"]),
+        step=int(fields["step"]),
+        stage=fields["stage"],
+        kind=fields.get("kind", "error"),
+    )
+    if injection.stage not in FAULT_STAGES or injection.kind not in FAULT_KINDS:
+        raise ValueError(
+            f"{FAULT_INJECTION_ENV}: stage must be one of {', '.join(FAULT_STAGES)} and kind "
+            f"one of {', '.join(FAULT_KINDS)}, got {text!r}"
+        )
+    return injection
+
+
+class InjectedFault(RuntimeError):
+    """Raised by :func:`maybe_inject_fault`."""
+
+
+def maybe_inject_fault(
+    rank: int, autoregressive_index: int, stage: str, latent: Any = None
+) -> None:
+    """The one place that reads :data:`FAULT_INJECTION_ENV` (set by tests, never by users).
+
+    ``kind=error`` raises :class:`InjectedFault`; ``kind=nan`` fills ``latent`` with
+    NaN in place; ``kind=sigterm`` sends SIGTERM to this process.
+    """
+    injection = parse_fault_injection(os.environ.get(FAULT_INJECTION_ENV))
+    if injection is None or (injection.rank, injection.step, injection.stage) != (
+        rank,
+        autoregressive_index,
+        stage,
+    ):
+        return
+    if injection.kind == "nan":
+        if latent is not None:
+            latent.fill_(float("nan"))
+        return
+    if injection.kind == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # let the handler run before the next statement
+        return
+    raise InjectedFault(
+        f"injected fault on rank {rank} at AR step {autoregressive_index} ({stage})"
+    )
