@@ -86,8 +86,12 @@ def get_runner_entry(slug: str) -> RegisteredRunner:
     """The registration of ``slug``; ``KeyError`` listing the known slugs otherwise."""
     runners = discover_runners()
     if slug not in runners:
+        import difflib
+
+        close = difflib.get_close_matches(slug, list(runners), n=3, cutoff=0.5)
+        suggestion = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise KeyError(
-            f"unknown pipeline slug '{slug}'. Known slugs: {', '.join(runners) or '(none)'}. "
-            "Run `flashdreams-run --list` for descriptions."
+            f"unknown pipeline slug '{slug}'. Known slugs: {', '.join(runners) or '(none)'}."
+            f"{suggestion} Run `flashdreams-run --list` for descriptions."
         )
     return runners[slug]

@@ -251,14 +251,21 @@ class RankFailureChannel:
 
     @classmethod
     def from_environment(cls, *, rank: int, guard: StopGuard, **kwargs: Any) -> RankFailureChannel:
-        """A channel on a new client of the store at ``MASTER_ADDR:MASTER_PORT``."""
+        """A channel on a new client of the rendezvous store (torchrun's or rank 0's).
+
+        The store address is the one the process group was initialised with
+        (``flashdreams.core.distributed.parse_launch_environment``).
+        """
         from datetime import timedelta
 
         import torch.distributed as dist
 
+        from flashdreams.core.distributed import parse_launch_environment
+
+        launch = parse_launch_environment()
         store = dist.TCPStore(
-            os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            int(os.environ["MASTER_PORT"]),
+            launch.master_addr,
+            launch.master_port,
             is_master=False,
             timeout=timedelta(seconds=30),
         )
