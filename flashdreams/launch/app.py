@@ -81,12 +81,23 @@ class RunFailed(RuntimeError):
         super().__init__(report.describe())
 
 
-def _remove_unfinished_run_dir(run_dir: Path, created_here: bool) -> None:
-    """Nothing was produced: leave no directory behind that could pass for a finished run."""
+def _remove_unfinished_run_dir(run_dir: Path, created_here: bool, auto_named: bool) -> None:
+    """Nothing was produced: leave no directory behind that could pass for a finished run.
+
+    A directory this run created is removed (with the empty ``outputs/<slug>/``
+    parents of an auto-named one); in a directory that existed before only
+    ``config.yaml`` / ``stats.json`` are removed.
+    """
     import shutil
 
     if created_here:
         shutil.rmtree(run_dir, ignore_errors=True)
+        if auto_named:
+            for parent in list(run_dir.parents)[:2]:
+                try:
+                    parent.rmdir()  # only when empty
+                except OSError:
+                    break
     else:
         for name in ("config.yaml", "stats.json"):
             (run_dir / name).unlink(missing_ok=True)
@@ -179,7 +190,9 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
                 for sink_id in sink_ids:
                     logger.remove(sink_id)
                 sink_ids = []
-                _remove_unfinished_run_dir(run_dir, created_here)
+                _remove_unfinished_run_dir(
+                    run_dir, created_here, run_config.runner.output_dir is None
+                )
             if isinstance(error, (*USER_ERRORS, PeerRankFailed, RunInterrupted)) or not isinstance(
                 error, Exception
             ):
