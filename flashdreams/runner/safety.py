@@ -132,12 +132,14 @@ class StopGuard:
         raise error
 
     def request_stop(self, error: BaseException) -> None:
-        """From any thread: raise ``error`` in the main thread as soon as it runs Python code."""
-        import _thread
+        """From any thread: raise ``error`` in the main thread.
 
+        Delivers a real SIGTERM to the main thread, which also wakes it from
+        interruptible waits (``time.sleep``, most blocking system calls).
+        """
         self._requested = error
         if self._installed:
-            _thread.interrupt_main(signal.SIGTERM)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
     @property
     def interrupted(self) -> bool:
