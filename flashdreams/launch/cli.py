@@ -52,6 +52,10 @@ Runner fields: prompt, prompts_file, image, num_chunks, height, width (pixels),
 seed, output_dir (default outputs/<slug>/<time>/), fps, save_latents, profile.
 Under torchrun or srun every rank runs the same command; the context-parallel
 size is the world size.
+
+Errors print one line (set FLASHDREAMS_TRACEBACK=1 for the Python traceback).
+Exit codes: 2 bad input, 1 run-time failure, 143 SIGTERM (chunks written so far
+are kept; stats.json says status: interrupted). See docs/errors.md.
 """
 
 
