@@ -226,8 +226,8 @@ class RankFailureChannel:
     peer cannot block the notice.
     """
 
-    KEY = "flashdreams/failure"
-    COUNT_KEY = "flashdreams/num_failures"
+    KEY = "flashdreams/failure/{attempt}"
+    COUNT_KEY = "flashdreams/num_failures/{attempt}"
 
     def __init__(
         self,
@@ -244,6 +244,10 @@ class RankFailureChannel:
         self.poll_interval_s = poll_interval_s
         self.grace_s = grace_s
         self.peer_failure: FailureReport | None = None
+        # torchrun --max-restarts reuses its store: keep each attempt's notices apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.key = self.KEY.format(attempt=attempt)
+        self.count_key = self.COUNT_KEY.format(attempt=attempt)
         self._posted = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -287,16 +291,16 @@ class RankFailureChannel:
         self._posted = True
         try:
             with self._lock:
-                if self.store.add(self.COUNT_KEY, 1) == 1:
-                    self.store.set(self.KEY, report.encode())
+                if self.store.add(self.count_key, 1) == 1:
+                    self.store.set(self.key, report.encode())
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0; exiting anyway
             pass
 
     def read(self) -> FailureReport | None:
         with self._lock:
-            if not self.store.check([self.KEY]):
+            if not self.store.check([self.key]):
                 return None
-            return FailureReport.decode(self.store.get(self.KEY))
+            return FailureReport.decode(self.store.get(self.key))
 
     def _watch(self) -> None:
         from loguru import logger
@@ -372,8 +376,9 @@ def maybe_inject_fault(
 ) -> None:
     """The one place that reads :data:`FAULT_INJECTION_ENV` (set by tests, never by users).
 
-    ``kind=error`` raises :class:`InjectedFault`; ``kind=nan`` fills ``latent`` with
-    NaN in place; ``kind=sigterm`` sends SIGTERM to this process.
+    ``kind=error`` raises :class:`InjectedFault`; ``kind=sigterm`` sends SIGTERM to
+    this process; ``kind=nan`` fills ``latent`` with NaN in place and acts only on
+    the call that passes a latent (the others only on calls without one).
     """
     injection = parse_fault_injection(os.environ.get(FAULT_INJECTION_ENV))
     if injection is None or (injection.rank, injection.step, injection.stage) != (
@@ -382,9 +387,10 @@ def maybe_inject_fault(
         stage,
     ):
         return
+    if (injection.kind == "nan") != (latent is not None):
+        return
     if injection.kind == "nan":
-        if latent is not None:
-            latent.fill_(float("nan"))
+        latent.fill_(float("nan"))
         return
     if injection.kind == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
