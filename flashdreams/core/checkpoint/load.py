@@ -54,6 +54,13 @@ def _load_sharded_index(index_path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _plain_first_line(error: Exception) -> str:
+    """First line of an error message without terminal colour codes."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()[0]
+
+
 def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -61,7 +68,7 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"refusing to load '{path}': it contains pickled objects other than tensors, and "
             f"unpickling them could run arbitrary code. Re-save it as a plain state dict "
-            f"(or as .safetensors). Loader said: {str(error).splitlines()[0]}"
+            f"(or as .safetensors). Loader said: {_plain_first_line(error)}"
         ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
