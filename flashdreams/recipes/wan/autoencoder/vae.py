@@ -586,9 +586,8 @@ class WanVAEDecoder(_WanVAEMixin, StreamingVideoDecoder[WanVAECache]):
 
 
 @dataclass(kw_only=True)
-class Wan22TI2V5BVAEEncoderConfig(WanVAEEncoderConfig):
-    """Wan 2.2 TI2V 5B encoder: 160 base channels, 48-ch latent, 2x2 pixel packing, residual stages,
-    loaded from the diffusers checkpoint through :func:`wan22_ti2v_5b_vae_state_dict_transform`."""
+class _Wan22TI2V5BFields(_WanVAEFields):
+    """Field overrides shared by the Wan 2.2 TI2V 5B encoder and decoder presets."""
 
     checkpoint_path: str | None = WAN22_TI2V_5B_VAE_CHECKPOINT
     """Local copy of the diffusers ``vae/diffusion_pytorch_model.safetensors`` (never downloaded)."""
@@ -600,10 +599,10 @@ class Wan22TI2V5BVAEEncoderConfig(WanVAEEncoderConfig):
     """Latent channels."""
 
     patch_size: int = 2
-    """2x2 pixel packing (16x spatial compression in total)."""
+    """2x2 pixel (un)packing (16x spatial compression in total)."""
 
     is_residual: bool = True
-    """Residual down stages."""
+    """Residual down / up stages."""
 
     latent_mean: tuple[float, ...] = WAN22_LATENT_MEAN
     """Per-channel latent mean of the 5B VAE."""
@@ -618,34 +617,14 @@ class Wan22TI2V5BVAEEncoderConfig(WanVAEEncoderConfig):
 
 
 @dataclass(kw_only=True)
-class Wan22TI2V5BVAEDecoderConfig(WanVAEDecoderConfig):
+class Wan22TI2V5BVAEEncoderConfig(_Wan22TI2V5BFields, WanVAEEncoderConfig):
+    """Wan 2.2 TI2V 5B encoder: 160 base channels, 48-ch latent, 2x2 pixel packing, residual stages,
+    loaded from the diffusers checkpoint through :func:`wan22_ti2v_5b_vae_state_dict_transform`."""
+
+
+@dataclass(kw_only=True)
+class Wan22TI2V5BVAEDecoderConfig(_Wan22TI2V5BFields, WanVAEDecoderConfig):
     """Wan 2.2 TI2V 5B decoder: like the encoder preset, with the asymmetric ``decoder_base_dim=256``."""
-
-    checkpoint_path: str | None = WAN22_TI2V_5B_VAE_CHECKPOINT
-    """Local copy of the diffusers ``vae/diffusion_pytorch_model.safetensors`` (never downloaded)."""
-
-    base_dim: int = 160
-    """Encoder base channel count (kept for symmetry with the encoder preset)."""
 
     decoder_base_dim: int | None = 256
     """Decoder base channel count."""
-
-    z_dim: int = 48
-    """Latent channels."""
-
-    patch_size: int = 2
-    """2x2 pixel unpacking (16x spatial compression in total)."""
-
-    is_residual: bool = True
-    """Residual up stages."""
-
-    latent_mean: tuple[float, ...] = WAN22_LATENT_MEAN
-    """Per-channel latent mean of the 5B VAE."""
-
-    latent_std: tuple[float, ...] = WAN22_LATENT_STD
-    """Per-channel latent std of the 5B VAE."""
-
-    state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = (
-        wan22_ti2v_5b_vae_state_dict_transform
-    )
-    """diffusers -> original Wan 2.2 key remap."""
