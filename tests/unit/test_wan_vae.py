@@ -298,3 +298,45 @@ def test_wan21_diffusers_transform_passes_the_original_layout_through():
     encoder = WanVAEEncoderConfig(checkpoint_path=None, dtype=torch.float32, base_dim=8).setup()
     original = {**decoder.state_dict(), **encoder.state_dict()}
     assert wan21_diffusers_vae_state_dict_transform(original).keys() == original.keys()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@torch.no_grad()
+def test_cpu_fast_path_equals_torch_default_convolutions(layout):
+    """oneDNN convs on channels-last activations == torch's own conv dispatch (mkldnn off)."""
+    encoder_class, decoder_class, extra = LAYOUTS[layout]
+    decoder = _build(decoder_class, **extra)
+    encoder = _build(encoder_class, **extra)
+    latent = torch.randn(1, 3, decoder.config.z_dim, 4, 6)
+    video = torch.rand(1, 5, 3, 32, 48) * 2 - 1
+    fast_decoded, fast_encoded = decoder(latent), encoder(video)
+    with torch.backends.mkldnn.flags(enabled=False):
+        slow_decoded, slow_encoded = decoder(latent), encoder(video)
+    assert fast_decoded.shape == slow_decoded.shape and fast_encoded.shape == slow_encoded.shape
+    assert (fast_decoded - slow_decoded).abs().max().item() <= 1e-5
+    assert (fast_encoded - slow_encoded).abs().max().item() <= 1e-5
+    assert (fast_decoded - slow_decoded).abs().max().item() > 0  # two different kernels ran
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 3, 5, 6), (1, 8, 5, 6), (2, 4, 4, 7, 9)])
+def test_onednn_convolution_matches_torch_in_both_layouts(shape):
+    from flashdreams.recipes.wan.autoencoder.layers import convolution
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    weight = torch.randn(6, shape[1], *([3] * (len(shape) - 2)))
+    bias = torch.randn(6)
+    padding = (0, 1, 1) if len(shape) == 5 else (1, 1)
+    stride = (1,) * (len(shape) - 2)
+    conv = torch.nn.functional.conv3d if len(shape) == 5 else torch.nn.functional.conv2d
+    expected = conv(x, weight, bias, stride, padding)
+    channels_last = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    with torch.no_grad():
+        plain = convolution(x, weight, bias, stride, padding)
+        last = convolution(x.contiguous(memory_format=channels_last), weight, bias, stride, padding)
+    assert last.is_contiguous(memory_format=channels_last)
+    # sums of 27 * C products of unit normals: compare relative to their size
+    tolerance = 1e-6 * expected.abs().max().item()
+    assert (plain - expected).abs().max().item() <= tolerance
+    assert (last - expected).abs().max().item() <= tolerance

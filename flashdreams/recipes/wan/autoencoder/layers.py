@@ -20,21 +20,90 @@ NUM_CACHED_FRAMES = 2
 """Frames a causal 3x3x3 conv needs from the previous chunk."""
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """``channels_last_3d`` for a channels-last video tensor, else the default layout."""
+    if (
+        x.dim() == 5
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether to call oneDNN's convolution directly (CPU fp32 inference)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+) -> torch.Tensor:
+    """2D or 3D convolution (dilation 1, one group); on CPU fp32 always through oneDNN.
+
+    For batch-1 inputs with few channels or frames, torch's dispatcher picks its im2col
+    kernel, which measured 2-4x slower than oneDNN on the VAE's low-resolution stages
+    (bench/RESULTS.md, "Wan VAE decode"); oneDNN also keeps channels-last inputs
+    channels-last.
+    """
+    if _use_onednn(x, weight):
+        num_spatial = x.dim() - 2
+        return torch.ops.aten.mkldnn_convolution(
+            x, weight, bias, list(padding), list(stride), [1] * num_spatial, 1
+        )
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
+    return conv(x, weight, bias, stride, padding)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (zero padding, one group) that goes through :func:`convolution`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return convolution(x, self.weight, self.bias, self.stride, self.padding)  # type: ignore[arg-type]
+
+
 class CausalConv3d(nn.Conv3d):
-    """3D conv padded only towards the past in time; the past may come from a cache."""
+    """3D conv padded only towards the past in time; the past may come from a cache.
+
+    Height and width are zero-padded inside the convolution; time gets
+    ``2 * padding[0]`` frames in front: the cached frames of the previous chunk,
+    zeros where there are none.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         pad_t, pad_h, pad_w = self.padding
-        self._causal_padding = (pad_w, pad_w, pad_h, pad_h, 2 * pad_t, 0)
+        self._num_past_frames = 2 * pad_t
+        self._spatial_padding = (0, pad_h, pad_w)
         self.padding = (0, 0, 0)
 
     def forward(self, x: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:
-        padding = list(self._causal_padding)
-        if cached is not None and padding[4] > 0:
-            x = torch.cat([cached.to(x.device, x.dtype), x], dim=2)
-            padding[4] -= cached.shape[2]
-        return super().forward(F.pad(x, padding))
+        num_past = self._num_past_frames
+        if num_past:
+            b, c, t, h, w = x.shape
+            padded = torch.empty(
+                (b, c, num_past + t, h, w),
+                dtype=x.dtype,
+                device=x.device,
+                memory_format=_memory_format(x),
+            )
+            num_cached = 0 if cached is None else min(cached.shape[2], num_past)
+            padded[:, :, : num_past - num_cached].zero_()
+            if num_cached:
+                padded[:, :, num_past - num_cached : num_past].copy_(cached[:, :, -num_cached:])
+            padded[:, :, num_past:].copy_(x)
+            x = padded
+        return convolution(x, self.weight, self.bias, self.stride, self._spatial_padding)  # type: ignore[arg-type]
 
 
 class RMSNorm(nn.Module):
@@ -48,10 +117,15 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Half-precision inputs are normalised in fp32 (the norm of many channels overflows bf16 badly).
-        normalized = F.normalize(x.float() if x.element_size() < 4 else x, dim=1).to(x.dtype)
-        out = normalized * self.scale * self.gamma
-        return out + self.bias if self.bias is not None else out
+        # Computed in fp32 (the norm of many channels overflows bf16 badly); the
+        # reciprocal norm is one value per pixel, so the full-size work is two products.
+        x_float = x.float()
+        inv_norm = torch.linalg.vector_norm(x_float, dim=1, keepdim=True)
+        inv_norm = inv_norm.clamp_min_(1e-12).reciprocal_()
+        out = (x_float * inv_norm).mul_(self.gamma.float() * self.scale)
+        if self.bias is not None:
+            out.add_(self.bias.float())
+        return out.to(x.dtype)
 
 
 class FeatureCache:
@@ -108,13 +182,13 @@ class Resample(nn.Module):
         if mode in ("upsample2d", "upsample3d"):
             self.resample = nn.Sequential(
                 _Fp32Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                nn.Conv2d(dim, upsample_out_dim or dim // 2, 3, padding=1),
+                Conv2d(dim, upsample_out_dim or dim // 2, 3, padding=1),
             )
             if mode == "upsample3d":
                 self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         elif mode in ("downsample2d", "downsample3d"):
             self.resample = nn.Sequential(
-                nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2))
+                nn.ZeroPad2d((0, 1, 0, 1)), Conv2d(dim, dim, 3, stride=(2, 2))
             )
             if mode == "downsample3d":
                 self.time_conv = CausalConv3d(
@@ -141,9 +215,14 @@ class Resample(nn.Module):
             tail = torch.cat([before, tail], dim=2)
         x = self.time_conv(x, previous if isinstance(previous, torch.Tensor) else None)
         cache.slots[slot] = tail
-        # [b, 2c, t, h, w] -> [b, c, 2t, h, w]: the two channel halves interleave in time.
-        x = x.reshape(b, 2, c, t, h, w)
-        return torch.stack((x[:, 0], x[:, 1]), dim=3).reshape(b, c, t * 2, h, w)
+        # [b, 2c, t, h, w] -> [b, c, 2t, h, w]: the two channel halves interleave in time
+        # (written into an output that keeps the input's memory layout).
+        out = torch.empty(
+            (b, c, 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
+        )
+        out[:, :, 0::2] = x[:, :c]
+        out[:, :, 1::2] = x[:, c:]
+        return out
 
     def _downsample_time(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         slot = cache.next_slot()
@@ -175,10 +254,10 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.residual = nn.Sequential(
             RMSNorm(in_dim, images=False),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),
             CausalConv3d(in_dim, out_dim, 3, padding=1),
             RMSNorm(out_dim, images=False),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),
             nn.Dropout(dropout),
             CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
@@ -197,8 +276,8 @@ class AttentionBlock(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = RMSNorm(dim)
-        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
-        self.proj = nn.Conv2d(dim, dim, 1)
+        self.to_qkv = Conv2d(dim, dim * 3, 1)
+        self.proj = Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         identity = x
@@ -210,7 +289,7 @@ class AttentionBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
         out = self.proj(out).unflatten(0, (b, t)).transpose(1, 2)
-        return out + identity
+        return out.add_(identity).contiguous(memory_format=_memory_format(identity))
 
 
 class AvgDown3D(nn.Module):
@@ -330,7 +409,9 @@ def _middle(dim: int) -> nn.Sequential:
 
 def _head(dim: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
-        RMSNorm(dim, images=False), nn.SiLU(), CausalConv3d(dim, out_channels, 3, padding=1)
+        RMSNorm(dim, images=False),
+        nn.SiLU(inplace=True),
+        CausalConv3d(dim, out_channels, 3, padding=1),
     )
 
 

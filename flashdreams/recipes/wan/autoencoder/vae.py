@@ -280,6 +280,11 @@ class _WanVAEMixin:
         if not self._compile_checked:
             self._compile_checked = True
             wants_compile = self.config.use_compile or self.config.use_cuda_graph
+            if device.type == "cuda" and not torch.backends.cudnn.benchmark:
+                # The VAE runs the same conv shapes on every chunk: let cuDNN pick the
+                # fastest algorithm once per shape (process-wide setting).
+                torch.backends.cudnn.benchmark = True
+                logger.info(f"Wan VAE {self._kind}: enabled torch.backends.cudnn.benchmark")
             if wants_compile and device.type != "cuda":
                 logger.info(
                     f"Wan VAE {self._kind}: use_compile/use_cuda_graph need CUDA; running eagerly"
@@ -298,7 +303,11 @@ class _WanVAEMixin:
     ) -> torch.Tensor:
         cache.cursor = 0
         network = self._network(module, x.device)
-        out = network(x, cache, **kwargs)
+        if x.device.type == "cpu":
+            # oneDNN's convolutions are fastest on channels-last activations, and the
+            # channel RMSNorm then reduces over the innermost dim (bench/RESULTS.md).
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        out = network(x, cache, **kwargs).contiguous()
         if network is not module:
             # CUDA-graph outputs live in pooled buffers that the next replay overwrites.
             out = out.clone()
