@@ -2,7 +2,8 @@
 
 Nothing here keeps process groups in module globals: :func:`init_distributed`
 returns a :class:`DistributedContext`, :func:`build_cp_mesh` returns a
-:class:`ContextParallelMesh`, and callers pass the groups on explicitly.
+:class:`ContextParallelMesh` (:func:`build_cfg_parallel_mesh` one per CFG
+branch, plus the partner pairs), and callers pass the groups on explicitly.
 """
 
 from flashdreams.core.distributed.comm_stats import CommStats
@@ -15,7 +16,9 @@ from flashdreams.core.distributed.env import (
     shutdown_distributed,
 )
 from flashdreams.core.distributed.mesh import (
+    CFGParallelMesh,
     ContextParallelMesh,
+    build_cfg_parallel_mesh,
     build_cp_mesh,
     ring_group_ranks,
     ulysses_group_ranks,
@@ -32,12 +35,14 @@ from flashdreams.core.distributed.sharding import (
 )
 
 __all__ = [
+    "CFGParallelMesh",
     "CommStats",
     "ContextParallelMesh",
     "DistributedContext",
     "LaunchEnvironment",
     "ParallelDims",
     "all_gather_tokens",
+    "build_cfg_parallel_mesh",
     "build_cp_mesh",
     "divisors",
     "expand_slurm_nodelist",

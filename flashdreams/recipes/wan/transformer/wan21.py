@@ -17,7 +17,12 @@ from typing import Any
 import torch
 from loguru import logger
 
-from flashdreams.core.distributed.mesh import ContextParallelMesh, build_cp_mesh
+from flashdreams.core.distributed.mesh import (
+    CFGParallelMesh,
+    ContextParallelMesh,
+    build_cfg_parallel_mesh,
+    build_cp_mesh,
+)
 from flashdreams.core.distributed.parallel_dims import ParallelDims
 from flashdreams.core.distributed.sharding import slots_per_rank, split_tokens
 from flashdreams.infra.diffusion.transformer import (
@@ -47,13 +52,16 @@ class Wan21TransformerCache(TransformerAutoregressiveCache):
     """Latent height of this rollout (pre-patchify)."""
     width: int
     """Latent width of this rollout (pre-patchify)."""
-    network_cache: WanDiTNetworkCache
-    """Conditional-branch network cache (batch ``B``)."""
+    network_cache: WanDiTNetworkCache | None
+    """Conditional-branch network cache (batch ``B``); ``None`` on the unconditional
+    half of a ``cfg_parallel`` run."""
     network_cache_uncond: WanDiTNetworkCache | None = None
-    """Unconditional-branch network cache; ``None`` iff CFG is disabled."""
+    """Unconditional-branch network cache (batch ``B``); ``None`` without CFG and on
+    the conditional half of a ``cfg_parallel`` run."""
     batched_network_cache: WanDiTNetworkCache
     """The cache the forward runs on: ``network_cache`` without CFG, ``[cond; uncond]``
-    stacked along the batch with CFG (the two fields above are views of it)."""
+    stacked along the batch with batched CFG (the two fields above are views of it),
+    and this rank's branch alone (batch ``B``) with ``cfg_parallel``."""
     rope: WanRope
     """RoPE table of this rollout's grid."""
     autoregressive_index: int | None = None
@@ -129,7 +137,16 @@ class Wan21TransformerConfig(TransformerConfig):
     """Context parallelism only (world size > 1): ranks per Ulysses group. ``None`` follows
     ``network.cp_method`` (``"ring"``: 1, ``"ulysses"``: the world size); a divisor of the
     world size between them selects USP (Ulysses inside groups, ring across them). Must
-    divide ``network.num_heads``."""
+    divide ``network.num_heads``. With ``cfg_parallel`` all of this applies to half the
+    world size."""
+    cfg_parallel: bool = False
+    """Run the two CFG branches on the two halves of the ranks instead of batched on
+    every rank: the first half runs the conditional branch, the second half the
+    unconditional one, each half context-parallel over ``world_size / 2`` ranks. Each
+    rank holds only its branch's caches (half the memory and FLOPs of batched CFG);
+    after every forward the partner ranks ``r`` and ``r + world_size / 2`` exchange
+    their predictions and both apply the guidance. Needs CFG (``guidance_scale > 1``)
+    and an even world size."""
 
     def __post_init__(self) -> None:
         self.batch_shape = tuple(self.batch_shape)
@@ -145,6 +162,11 @@ class Wan21TransformerConfig(TransformerConfig):
         if self.guidance_scale < 1.0:
             raise ValueError(
                 f"guidance_scale must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}"
+            )
+        if self.cfg_parallel and self.guidance_scale == 1.0:
+            raise ValueError(
+                "cfg_parallel=True splits the ranks between the two CFG branches, but "
+                "guidance_scale=1.0 disables CFG; set guidance_scale > 1 or cfg_parallel=False"
             )
         if self.cp_ulysses_degree is not None and self.cp_ulysses_degree < 1:
             raise ValueError(
@@ -170,13 +192,43 @@ def detect_context_parallel_mesh(config: Wan21TransformerConfig) -> ContextParal
     world_size = dist.get_world_size()
     if world_size == 1:
         return None
+    return build_cp_mesh(_cp_dims(config, world_size))
+
+
+def detect_cfg_parallel_mesh(config: Wan21TransformerConfig) -> CFGParallelMesh:
+    """The CFG-parallel layout for ``config.cfg_parallel``: one CP mesh per half of the world.
+
+    Raises ``ValueError`` unless ``torch.distributed`` runs an even number of
+    ranks and the CP degrees fit half of them. Collective, like
+    :func:`detect_context_parallel_mesh`.
+    """
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world_size % 2 != 0:
+        raise ValueError(
+            "cfg_parallel=True needs an even world size (one half of the ranks per CFG "
+            f"branch); got world size {world_size}"
+        )
+    half_size = world_size // 2
+    try:
+        half_dims = _cp_dims(config, half_size)
+    except ValueError as error:
+        raise ValueError(
+            f"cfg_parallel=True: each CFG branch runs context parallel on {half_size} of the "
+            f"{world_size} ranks: {error}"
+        ) from None
+    return build_cfg_parallel_mesh(half_dims)
+
+
+def _cp_dims(config: Wan21TransformerConfig, cp_degree: int) -> ParallelDims:
+    """Ulysses x ring degrees of a CP group of ``cp_degree`` ranks, validated."""
     ulysses_degree = config.cp_ulysses_degree
     if ulysses_degree is None:
-        ulysses_degree = world_size if config.network.cp_method == "ulysses" else 1
-    dims = ParallelDims(
-        world_size, ulysses_degree=ulysses_degree, num_heads=config.network.num_heads
+        ulysses_degree = cp_degree if config.network.cp_method == "ulysses" else 1
+    return ParallelDims(
+        cp_degree, ulysses_degree=ulysses_degree, num_heads=config.network.num_heads
     )
-    return build_cp_mesh(dims)
 
 
 class Wan21Transformer(Transformer[Wan21TransformerCache]):
@@ -188,6 +240,11 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
     to share it), :attr:`latent_shape` is this rank's shard, and every noise
     draw produces the global tensor and keeps the rank's shard, so a CP run
     reproduces the single-process run with the same seed.
+
+    With ``config.cfg_parallel`` the world is split in two halves, one per CFG
+    branch (see :class:`~flashdreams.core.distributed.mesh.CFGParallelMesh`);
+    everything above holds inside each half, and both halves draw the same
+    noise and apply the same guided flow, so their latents stay identical.
     """
 
     def __init__(
@@ -198,7 +255,17 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         super().__init__(config)
         self.config: Wan21TransformerConfig = config
         self.network = WanDiTNetwork(config.network)
-        if context_parallel_mesh is None:
+        # CFG-parallel layout (branch of this rank, partner group); None unless cfg_parallel.
+        self.cfg_parallel_mesh: CFGParallelMesh | None = None
+        if config.cfg_parallel:
+            if context_parallel_mesh is not None:
+                raise ValueError(
+                    "cfg_parallel=True builds its own context-parallel mesh (one per CFG "
+                    "branch); do not pass context_parallel_mesh"
+                )
+            self.cfg_parallel_mesh = detect_cfg_parallel_mesh(config)
+            context_parallel_mesh = self.cfg_parallel_mesh.cp_mesh
+        elif context_parallel_mesh is None:
             context_parallel_mesh = detect_context_parallel_mesh(config)
         if context_parallel_mesh is not None and context_parallel_mesh.cp_degree == 1:
             context_parallel_mesh = None
@@ -289,7 +356,11 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         """Gather the clean latent on CP rank 0 (padding dropped) and unpatchify it.
 
         Returns ``[*batch, T, C, H, W]`` on rank 0 and ``None`` on the other ranks.
+        With ``cfg_parallel`` the unconditional half holds the same latent as the
+        conditional one: it skips the gather and returns ``None``.
         """
+        if self.cfg_parallel_mesh is not None and self.cfg_parallel_mesh.branch_index != 0:
+            return None
         grid_h, grid_w = self._grid()
         return self.network.unpatchify_and_maybe_gather_cp(
             grid_h, grid_w, x, self._cp_groups, num_tokens=self.num_tokens
@@ -360,6 +431,9 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             image_embeddings: CLIP embeddings for networks with image
                 cross-attention; shared by the uncond branch.
             negative_text_embeddings: required iff ``guidance_scale > 1``.
+
+        With ``cfg_parallel`` every rank gets the same arguments and builds the
+        cache of its own branch only (batch ``B``).
         """
         config = self.config
         _, kh, kw = config.network.patch_size
@@ -388,11 +462,18 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         batch_size = math.prod(config.batch_shape)
         text = text_embeddings.reshape(batch_size, *text_embeddings.shape[-2:])
         image = image_embeddings
+        if image is not None:
+            image = image.reshape(batch_size, *image.shape[-2:])
         if use_cfg:
             self._check_batch(negative_text_embeddings, "negative_text_embeddings")
             negative = negative_text_embeddings.reshape(
                 batch_size, *negative_text_embeddings.shape[-2:]
             )
+        # CFG branch held by this rank under cfg_parallel (0 cond, 1 uncond); None otherwise.
+        cfg_branch = None if self.cfg_parallel_mesh is None else self.cfg_parallel_mesh.branch_index
+        batched_cfg = use_cfg and cfg_branch is None
+        if batched_cfg:
+            # [cond; uncond] along the batch: [2B, text_len, text_dim]
             if negative.shape[-2] != text.shape[-2]:
                 # zero-pad both to the network's text length so they stack
                 text_len = config.network.text_len
@@ -402,10 +483,10 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
                 )
             text = torch.cat([text, negative.to(text.dtype)], dim=0)
             if image is not None:
-                image = image.reshape(batch_size, *image.shape[-2:])
                 image = torch.cat([image, image], dim=0)
-        elif image is not None:
-            image = image.reshape(batch_size, *image.shape[-2:])
+        elif cfg_branch == 1:
+            # cfg_parallel, unconditional half: the negative prompt is this rank's text.
+            text = negative.to(text.dtype)
         batched = self.network.initialize_cache(
             chunk_size=config.len_t // kt * tokens_per_frame,
             window_size=config.window_size_t // kt * tokens_per_frame,
@@ -421,9 +502,11 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             w_extrapolation_ratio=config.w_extrapolation_ratio,
             device=device,
         )
-        if use_cfg:
+        if batched_cfg:
             cond = batched.batch_slice(0, batch_size)
             uncond = batched.batch_slice(batch_size, 2 * batch_size)
+        elif cfg_branch == 1:
+            cond, uncond = None, batched
         else:
             cond, uncond = batched, None
         return Wan21TransformerCache(
@@ -530,17 +613,33 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             t = timestep.expand(*batch_shape, num_tokens).reshape(batch_size, num_tokens)
         else:
             t = timestep.expand(batch_shape).reshape(batch_size)
-        use_cfg = cache.network_cache_uncond is not None
-        if use_cfg:
+        batched_cfg = self.cfg_parallel_mesh is None and cache.network_cache_uncond is not None
+        if batched_cfg:
             x = torch.cat([x, x], dim=0)
             t = torch.cat([t, t], dim=0)
         out = self._run_network(
             x.to(config.dtype), t, cache, commit=commit, block_extra_kwargs=network_extra_kwargs
         )
-        if use_cfg:
+        if batched_cfg:
             cond, uncond = out.float().chunk(2, dim=0)
             out = uncond + config.guidance_scale * (cond - uncond)
+        elif self.cfg_parallel_mesh is not None:
+            out = self._exchange_and_guide(out)
         return out.reshape(*batch_shape, num_tokens, out.shape[-1]).to(noisy_latent.dtype)
+
+    def _exchange_and_guide(self, branch_flow: torch.Tensor) -> torch.Tensor:
+        """CFG-parallel guidance: ``[B, L_rank, D]`` flow of this rank's branch -> guided flow.
+
+        One all-gather on the partner pair (group rank = branch: 0 cond, 1 uncond);
+        both partners then compute the same ``uncond + s * (cond - uncond)`` in fp32.
+        """
+        import torch.distributed as dist
+
+        branch_flow = branch_flow.contiguous()
+        gathered = [torch.empty_like(branch_flow) for _ in range(2)]
+        dist.all_gather(gathered, branch_flow, group=self.cfg_parallel_mesh.pair_group)
+        cond, uncond = (flow.float() for flow in gathered)
+        return uncond + self.config.guidance_scale * (cond - uncond)
 
     def _rope_inputs(self, cache: Wan21TransformerCache) -> tuple[torch.Tensor | None, Any]:
         if not self.config.network.apply_rope_before_kvcache:

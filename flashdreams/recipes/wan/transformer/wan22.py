@@ -82,6 +82,11 @@ class Wan22TransformerConfig(TransformerConfig):
             ("transformer_high_noise", high),
             ("transformer_low_noise", low),
         ):
+            if branch.cfg_parallel:
+                raise ValueError(
+                    f"Wan22Transformer does not support CFG, so neither cfg_parallel: "
+                    f"{branch_name}.cfg_parallel must be False"
+                )
             if branch.guidance_scale != 1.0:
                 raise ValueError(
                     f"Wan22Transformer does not support CFG: {branch_name}.guidance_scale must be 1.0, "
