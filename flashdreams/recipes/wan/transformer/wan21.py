@@ -143,10 +143,10 @@ class Wan21TransformerConfig(TransformerConfig):
     """Run the two CFG branches on the two halves of the ranks instead of batched on
     every rank: the first half runs the conditional branch, the second half the
     unconditional one, each half context-parallel over ``world_size / 2`` ranks. Each
-    rank holds only its branch's caches (half the memory and FLOPs of batched CFG);
-    after every forward the partner ranks ``r`` and ``r + world_size / 2`` exchange
-    their predictions and both apply the guidance. Needs CFG (``guidance_scale > 1``)
-    and an even world size."""
+    rank runs and caches only its branch (batch ``B`` instead of ``2B``, text K/V of
+    one prompt); after every forward the partner ranks ``r`` and ``r + world_size / 2``
+    exchange their predictions (one all-gather) and both apply the guidance. Needs CFG
+    (``guidance_scale > 1``) and an even world size."""
 
     def __post_init__(self) -> None:
         self.batch_shape = tuple(self.batch_shape)
