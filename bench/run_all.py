@@ -9,7 +9,8 @@ not leak into the next) and is also runnable alone (see its docstring).
     python bench/run_all.py --no-record              # print only
 
 Benchmarks: dit (1 + 2: DiT forward vs diffusers, roofline), stream (3: AR chunk),
-e2e (4: T2V vs diffusers WanPipeline), cp (5: bench_cp.py bytes + attention step and
+e2e (4: T2V vs diffusers WanPipeline), vae (Wan VAE decode/encode vs
+diffusers, the decoder behind 4), cp (5: bench_cp.py bytes + attention step and
 bench_cp_step.py DiT step at CP 1 vs 2), memory (6: 200-chunk RSS), startup (7), gpu (8:
 bench/gpu/bench_gpu.py; prints a message and exits on machines without CUDA).
 """
@@ -31,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "dit": ("bench_dit.py", True, ""),
     "stream": ("bench_stream.py", True, ""),
     "e2e": ("bench_e2e.py", True, ""),
+    "vae": ("bench_vae.py", True, ""),
     "cp": ("bench_cp.py", False, "Context parallel: bytes per rank and attention step"),
     "cp_step": ("bench_cp_step.py", False, "Context parallel: DiT step at CP 1 vs 2"),
     "memory": ("bench_memory.py", True, ""),
