@@ -20,7 +20,7 @@ Roofline: matmul FLOPs of the forward (counted analytically, listed in the outpu
 divided by the median time, over the FLOP/s of one large square fp32 GEMM measured in
 the same run.
 
-    python bench/bench_dit.py [--record] [--repeats N]
+    python bench/bench_dit.py [--record] [--repeats N] [--no-compile]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def make_gemm(size: int = GEMM_SIZE):
     return lambda: torch.mm(a, b, out=out)
 
 
-def run(num_repeats: int = 5) -> dict[str, object]:
+def run(num_repeats: int = 5, *, with_compile: bool = True) -> dict[str, object]:
     import torch
 
     from flashdreams.recipes.wan.transformer.impl.rope import WanRope
@@ -207,17 +208,56 @@ def run(num_repeats: int = 5) -> dict[str, object]:
     def run_ours_rollout_step():
         return ours(prebuilt_tokens, timestep, prebuilt_cache, rope_freqs)
 
+    timed = {
+        "diffusers": run_reference,
+        "ours (from inputs)": run_ours_from_inputs,
+        "ours (rollout step)": run_ours_rollout_step,
+    }
+    compile_seconds: dict[str, float] = {}
+    if with_compile:
+        # What ``compile_network_on_cpu`` does in the product, and the same for diffusers.
+        compiled_ours = torch.compile(ours, dynamic=False)
+        compiled_reference = torch.compile(reference, dynamic=False)
+
+        def run_reference_compiled():
+            return compiled_reference(
+                hidden_states=latent_diffusers,
+                timestep=timestep,
+                encoder_hidden_states=text,
+                return_dict=False,
+            )[0]
+
+        def run_ours_from_inputs_compiled():
+            tokens = ours.patchify_and_maybe_split_cp(latent)
+            out = compiled_ours(tokens, timestep, build_cache(), rope_freqs)
+            return ours.unpatchify_and_maybe_gather_cp(grid_h, grid_w, out)
+
+        def run_ours_rollout_step_compiled():
+            return compiled_ours(prebuilt_tokens, timestep, prebuilt_cache, rope_freqs)
+
+        timed |= {
+            "diffusers, torch.compile": run_reference_compiled,
+            "ours (from inputs), torch.compile": run_ours_from_inputs_compiled,
+            "ours (rollout step), torch.compile": run_ours_rollout_step_compiled,
+        }
+
     with torch.no_grad():
         max_abs = (run_ours_from_inputs() - run_reference().transpose(1, 2)).abs().max().item()
-        samples = time_interleaved(
-            {
-                "diffusers": run_reference,
-                "ours (from inputs)": run_ours_from_inputs,
-                "ours (rollout step)": run_ours_rollout_step,
-                "gemm": make_gemm(),
-            },
-            num_repeats=num_repeats,
-        )
+        if with_compile:
+            for name, fn in (
+                ("diffusers", run_reference_compiled),
+                ("ours", run_ours_from_inputs_compiled),
+            ):
+                started = time.perf_counter()
+                fn()  # the first call compiles
+                compile_seconds[name] = time.perf_counter() - started
+            compiled_diff = (
+                (run_ours_from_inputs_compiled() - run_reference().transpose(1, 2))
+                .abs()
+                .max()
+                .item()
+            )
+        samples = time_interleaved(timed | {"gemm": make_gemm()}, num_repeats=num_repeats)
     gemm_samples = samples.pop("gemm")
     gemm_rate = 2 * GEMM_SIZE**3 / statistics.median(gemm_samples)
     paired = [
@@ -233,7 +273,7 @@ def run(num_repeats: int = 5) -> dict[str, object]:
     rate_inputs = total_inputs / medians["ours (from inputs)"]
     rate_step = total_step / medians["ours (rollout step)"]
     rate_reference = total_inputs / medians["diffusers"]
-    result = {
+    result: dict[str, object] = {
         "shape": shape,
         "max_abs_diff": max_abs,
         "samples": samples,
@@ -250,7 +290,16 @@ def run(num_repeats: int = 5) -> dict[str, object]:
         "rate_inputs": rate_inputs,
         "rate_step": rate_step,
         "total_step": total_step,
+        "compile_seconds": compile_seconds,
     }
+    if with_compile:
+        result["compiled_diff"] = compiled_diff
+        result["ratio_compiled_vs_eager_reference"] = (
+            medians["ours (from inputs), torch.compile"] / medians["diffusers"]
+        )
+        result["ratio_compiled_vs_compiled_reference"] = (
+            medians["ours (from inputs), torch.compile"] / medians["diffusers, torch.compile"]
+        )
     return result
 
 
@@ -279,6 +328,18 @@ def format_result(result: dict[str, object]) -> str:
         f"**DiT forward ratio (ours from inputs / diffusers): {result['ratio_from_inputs']:.3f}** "
         f"(target <= 0.9); median of per-round paired ratios {result['paired_ratio']:.3f}; "
         f"rollout step / diffusers: {result['ratio_rollout_step']:.3f}",
+    ]
+    if "compiled_diff" in result:
+        seconds: dict[str, float] = result["compile_seconds"]  # type: ignore[assignment]
+        lines += [
+            "",
+            "**With torch.compile (inductor, CPU; `compile_network_on_cpu`): ours (from inputs) / "
+            f"diffusers eager {result['ratio_compiled_vs_eager_reference']:.3f}, / diffusers "
+            f"compiled {result['ratio_compiled_vs_compiled_reference']:.3f}**; first-call compile "
+            f"time ours {seconds['ours']:.0f} s, diffusers {seconds['diffusers']:.0f} s; max abs "
+            f"diff compiled ours vs eager diffusers {result['compiled_diff']:.2e}",
+        ]
+    lines += [
         "",
         "FLOPs (matmuls only, 2 per multiply-add, counted analytically from the shapes):",
         "",
@@ -303,9 +364,14 @@ def format_result(result: dict[str, object]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser)
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile rows (~1 min of compiling)",
+    )
     args = parser.parse_args()
     setup_torch()
-    text = format_result(run(num_repeats=args.repeats or 5))
+    text = format_result(run(num_repeats=args.repeats or 5, with_compile=not args.no_compile))
     print(text)
     if args.record:
         record("DiT forward vs diffusers + roofline", command_line(), text, label=args.label)
