@@ -55,6 +55,8 @@ class StreamInferencePipelineCache(
     """State of the latest ``generate``, consumed by ``finalize``."""
     autoregressive_index: int | None = None
     """AR index of the latest ``generate``."""
+    decoded_autoregressive_index: int | None = None
+    """AR index of the latest ``decode_latent`` (decodes run in AR order, one per step)."""
     event_profiler: EventProfiler | None = None
     """Profiler of the current AR step (profiling only)."""
 
@@ -70,6 +72,10 @@ class StreamInferencePipeline(
         for i in range(num_chunks):
             video = pipeline.generate(i, cache)
             pipeline.finalize(i, cache)
+
+    ``generate`` is ``generate_latent`` followed by ``decode_latent``. A caller
+    may call the two halves itself, e.g. to decode chunk ``i`` on another
+    thread while ``finalize(i)`` and ``generate_latent(i + 1)`` run.
     """
 
     encoder: StreamingEncoder[StreamingEncoderCacheT] | None
@@ -130,6 +136,43 @@ class StreamInferencePipeline(
         an encoder is configured. Returns decoded output, or the unpatchified
         clean latent without a decoder.
         """
+        clean_latent = self._generate_latent(autoregressive_index, cache, input)
+        if self.decoder is None or clean_latent is None:
+            # ``None``: a context-parallel rank that does not hold the gathered latent.
+            return clean_latent
+        output = self.decode_latent(clean_latent, autoregressive_index, cache)
+        if cache.event_profiler is not None:
+            cache.event_profiler.record("decode")
+        return output
+
+    @torch.no_grad()
+    def generate_latent(
+        self,
+        autoregressive_index: int,
+        cache: StreamInferencePipelineCache[
+            StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT
+        ],
+        input: Any = None,
+    ) -> torch.Tensor | None:
+        """Encode and denoise one chunk without decoding it; the first half of ``generate``.
+
+        Same ordering and ``input`` rules as ``generate``. Returns the
+        unpatchified clean latent ``[*batch, T, C, H, W]``; under context
+        parallelism only the rank that holds the gathered latent gets it, the
+        others get ``None``. The tensor is freshly allocated: ``finalize`` and
+        later steps do not write into it. Profiling records ``encode`` and
+        ``diffuse`` but no ``decode`` stage.
+        """
+        return self._generate_latent(autoregressive_index, cache, input)
+
+    def _generate_latent(
+        self,
+        autoregressive_index: int,
+        cache: StreamInferencePipelineCache[
+            StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT
+        ],
+        input: Any,
+    ) -> torch.Tensor | None:
         previous = cache.autoregressive_index
         expected = 0 if previous is None else previous + 1
         if autoregressive_index != expected:
@@ -152,6 +195,7 @@ class StreamInferencePipeline(
         cache.final_state = None
 
         profiler: EventProfiler | None = None
+        cache.event_profiler = None
         if self.config.enable_sync_and_profile:
             profiler = EventProfiler(use_cuda=self.device.type == "cuda")
             cache.event_profiler = profiler
@@ -171,16 +215,45 @@ class StreamInferencePipeline(
         cache.final_state = final_state
         if profiler is not None:
             profiler.record("diffuse")
+        return clean_latent
 
-        if self.decoder is None or clean_latent is None:
-            # ``None``: a context-parallel rank that does not hold the gathered latent.
-            return clean_latent
-        output = self.decoder(
-            input=clean_latent, autoregressive_index=autoregressive_index, cache=cache.decoder_cache
+    @torch.no_grad()
+    def decode_latent(
+        self,
+        latent: torch.Tensor,
+        autoregressive_index: int,
+        cache: StreamInferencePipelineCache[
+            StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT
+        ],
+    ) -> torch.Tensor:
+        """Decode the clean latent of AR step ``autoregressive_index``; the second half of ``generate``.
+
+        ``latent`` is what ``generate_latent`` returned for that step. The
+        decoder cache is sequential, so steps are decoded in order, each once,
+        and never ahead of ``generate_latent``. Without a decoder the latent is
+        returned unchanged. Touches only the decoder and ``cache.decoder_cache``
+        (never the transformer or the profiler), so one other thread may decode
+        step ``i`` while this thread runs ``finalize(i)`` and later steps.
+        """
+        previous = cache.decoded_autoregressive_index
+        expected = 0 if previous is None else previous + 1
+        if autoregressive_index != expected:
+            raise ValueError(
+                f"decode out of order: the previous decoded step was {previous}, so the next "
+                f"decode_latent must be for AR step {expected}, got {autoregressive_index}"
+            )
+        generated = cache.autoregressive_index
+        if generated is None or autoregressive_index > generated:
+            raise ValueError(
+                f"decode_latent({autoregressive_index}) called before generate_latent"
+                f"({autoregressive_index}): the latest generated AR step is {generated}"
+            )
+        cache.decoded_autoregressive_index = autoregressive_index
+        if self.decoder is None:
+            return latent
+        return self.decoder(
+            input=latent, autoregressive_index=autoregressive_index, cache=cache.decoder_cache
         )
-        if profiler is not None:
-            profiler.record("decode")
-        return output
 
     @torch.no_grad()
     def finalize(

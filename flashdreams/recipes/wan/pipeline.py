@@ -214,3 +214,16 @@ class WanInferencePipeline(StreamInferencePipeline):
         """
         control = cache.image if self.encoder is not None else None
         return super().generate(autoregressive_index, cache, input=control)
+
+    @torch.no_grad()
+    def generate_latent(  # type: ignore[override]
+        self, autoregressive_index: int, cache: WanInferencePipelineCache
+    ) -> torch.Tensor | None:
+        """Denoise one chunk without decoding it: the clean latent ``[*batch, T, C, H, W]``.
+
+        ``decode_latent(latent, autoregressive_index, cache)`` turns it into
+        what ``generate`` returns. Under context parallelism only rank 0 gets
+        the latent; other ranks return ``None``.
+        """
+        control = cache.image if self.encoder is not None else None
+        return super().generate_latent(autoregressive_index, cache, input=control)
