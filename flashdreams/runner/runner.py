@@ -4,6 +4,8 @@ The runner reads prompts and an optional first frame, builds the pipeline,
 drives the ``initialize_cache -> (generate, write, finalize) * num_chunks``
 rollout, and persists the result. Every rank runs the rollout (context
 parallelism needs all of them); only rank 0 writes files and shows progress.
+With ``runner.overlap_decode`` rank 0 decodes and writes each chunk on a
+background thread (:mod:`flashdreams.runner.overlap`) while it denoises the next.
 
 Run directory layout (written by rank 0)::
 
@@ -17,6 +19,7 @@ Run directory layout (written by rank 0)::
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import sys
@@ -65,6 +68,12 @@ class RunnerConfig(InstantiateConfig):
     """Time every stage of every AR step (sets ``pipeline.enable_sync_and_profile``)."""
     check_finite: bool = True
     """Fail at the first AR step whose latent holds NaN/Inf (one cheap reduction per chunk)."""
+    overlap_decode: bool = False
+    """Decode and write chunk ``i`` on a background thread (rank 0 only) while the main thread
+    finalizes it and denoises chunk ``i + 1``; on CUDA the decoder runs on its own stream. The
+    video and latents are identical to the sequential order; ``stats.json`` then times each
+    chunk's ``decode_s`` / ``write_s`` separately. Needs a pipeline with ``generate_latent``
+    and ``decode_latent`` (every ``StreamInferencePipeline``)."""
 
 
 @dataclass(kw_only=True)
@@ -95,7 +104,8 @@ class RolloutProgress:
     autoregressive_index: int | None = None
     """AR step in progress, ``None`` before the first ``generate``."""
     stage: str = "build"
-    """``build``, ``initialize``, ``generate``, ``write``, ``finalize`` or ``done``."""
+    """``build``, ``initialize``, ``generate``, ``write``, ``finalize``, ``decode`` (a failed
+    background decode, ``runner.overlap_decode``) or ``done``."""
     last_completed_chunk: int | None = None
     """Last AR step of the current prompt that was written and finalized."""
     num_chunks_written: int = 0
@@ -236,6 +246,20 @@ class Runner:
             )
         return height // ratio, width // ratio
 
+    def _check_overlap_support(self, pipeline: Any) -> None:
+        missing = [
+            name
+            for name in ("generate_latent", "decode_latent")
+            if not callable(getattr(pipeline, name, None))
+        ]
+        if missing:
+            raise ValueError(
+                f"runner.overlap_decode=true needs a pipeline with generate_latent() and "
+                f"decode_latent() (every StreamInferencePipeline has them); pipeline "
+                f"'{self.pipeline_config.name}' ({type(pipeline).__name__}) lacks "
+                f"{' and '.join(missing)}. Set runner.overlap_decode=false"
+            )
+
     @staticmethod
     def _chunk_latent(pipeline: Any, cache: Any):
         """Unpatchified (CP-gathered) clean latent of the latest ``generate``, if reachable."""
@@ -285,6 +309,13 @@ class Runner:
             "build_s": build_s,
         }
 
+        worker = None
+        if self.config.overlap_decode:
+            self._check_overlap_support(pipeline)
+            if self.is_writer:
+                from flashdreams.runner.overlap import BackgroundChunkWorker
+
+                worker = BackgroundChunkWorker(context.device)
         all_latents: dict[str, torch.Tensor] = {}
         try:
             for prompt_index, prompt in enumerate(prompts):
@@ -294,7 +325,7 @@ class Runner:
                 rollout: dict[str, Any] = {"prompt": prompt, "video": name, "chunks": []}
                 self.rollouts.append(rollout)
                 latents = self._rollout(
-                    pipeline, prompt, run_dir / name, latent_height, latent_width, rollout
+                    pipeline, prompt, run_dir / name, latent_height, latent_width, rollout, worker
                 )
                 if latents is not None:
                     key = "latents" if len(prompts) == 1 else f"latents_{prompt_index:03d}"
@@ -313,6 +344,9 @@ class Runner:
                     f"{run_dir} (last completed AR step {self.progress.last_completed_chunk})"
                 )
             raise
+        finally:
+            if worker is not None:
+                worker.close()
 
         self.progress.stage = "done"
         stats["status"] = "completed"
@@ -382,8 +416,14 @@ class Runner:
         latent_height: int,
         latent_width: int,
         rollout: dict[str, Any],
+        worker: Any = None,
     ):
-        """One prompt's rollout; fills ``rollout`` as it goes; returns the stacked latents."""
+        """One prompt's rollout; fills ``rollout`` as it goes; returns the stacked latents.
+
+        With a ``worker`` (:class:`~flashdreams.runner.overlap.BackgroundChunkWorker`,
+        ``runner.overlap_decode`` on rank 0) each chunk's latent is handed to it
+        for decoding and writing, and this thread goes on with ``finalize``.
+        """
         import torch
         from loguru import logger
 
@@ -391,6 +431,7 @@ class Runner:
 
         config = self.config
         rank = self.context.rank
+        overlap = config.overlap_decode
         progress_state = self.progress
         image = self.first_frame(config.height, config.width)
         if image is not None:
@@ -402,6 +443,54 @@ class Runner:
         rollout_start = time.perf_counter()
         rollout["first_chunk_latency_s"] = float("nan")
         log_every = max(1, config.num_chunks // 10)
+        # Overlap mode: AR steps finalized here and written by the worker.
+        overlap_state: dict[str, int | None] = {"finalized": None, "written": None}
+
+        def report_written(index: int, chunk: dict[str, Any]) -> None:
+            if progress is not None:
+                progress.update(1)
+            elif self.is_writer and (
+                (index + 1) % log_every == 0 or index + 1 == config.num_chunks
+            ):
+                if overlap:  # on the worker: the main thread may still be finalizing
+                    timing = (
+                        f"(decode {chunk['decode_s']:.2f} s, write {chunk['write_s']:.2f} s "
+                        "in the background)"
+                    )
+                else:
+                    timing = f"in {chunk['total_s']:.2f} s"
+                logger.info(
+                    f"chunk {index + 1}/{config.num_chunks}: {chunk['num_frames']} frames {timing}"
+                )
+
+        def decode_and_write(latent: torch.Tensor, index: int, chunk: dict[str, Any]) -> None:
+            """Overlap mode, on the worker thread: decode one chunk, check it, append it."""
+            from flashdreams.infra.profiler import EventProfiler
+
+            timer = EventProfiler(use_cuda=latent.device.type == "cuda")
+            video = pipeline.decode_latent(latent, index, cache)
+            timer.record("decode")
+            if config.check_finite:
+                check_finite(video, index)
+            frames = video_to_uint8_frames(video.reshape(-1, *video.shape[-4:])[0])
+            decode_s = timer.sync_and_summarize()["decode"] / 1000.0
+            t_write = time.perf_counter()
+            writer.append(frames)  # no stop guard here: signals reach the main thread only
+            progress_state.num_chunks_written += 1
+            chunk["num_frames"] = int(frames.shape[0])
+            chunk["decode_s"] = decode_s
+            chunk["write_s"] = time.perf_counter() - t_write
+            if index == 0:
+                rollout["first_chunk_latency_s"] = time.perf_counter() - rollout_start
+            overlap_state["written"] = index
+            report_written(index, chunk)
+
+        def completed_chunk() -> int | None:
+            finalized, written = overlap_state["finalized"], overlap_state["written"]
+            if not self.is_writer:
+                return finalized
+            return None if finalized is None or written is None else min(finalized, written)
+
         try:
             progress_state.stage = "initialize"
             cache = pipeline.initialize_cache(
@@ -410,9 +499,15 @@ class Runner:
             for index in range(config.num_chunks):
                 progress_state.autoregressive_index = index
                 progress_state.stage = "generate"
+                if worker is not None:
+                    self._raise_worker_failure(worker)
                 t0 = time.perf_counter()
                 maybe_inject_fault(rank, index, "generate")
-                video = pipeline.generate(index, cache)
+                if overlap:
+                    latent = pipeline.generate_latent(index, cache)
+                    video = None
+                else:
+                    video = pipeline.generate(index, cache)
                 final_state = getattr(cache, "final_state", None)
                 local_latent = getattr(final_state, "clean_latent", None)
                 maybe_inject_fault(rank, index, "generate", latent=local_latent)
@@ -421,48 +516,72 @@ class Runner:
                     if video is not None:
                         check_finite(video, index)
                 if config.save_latents:
-                    latent = self._chunk_latent(pipeline, cache)
-                    if latent is not None:
-                        latents.append(latent.detach().float().cpu())
+                    # Overlap mode already holds the gathered latent: no second gather.
+                    saved = latent if overlap else self._chunk_latent(pipeline, cache)
+                    if saved is not None:
+                        latents.append(saved.detach().float().cpu())
                 t1 = time.perf_counter()
                 progress_state.stage = "write"
                 maybe_inject_fault(rank, index, "write")
-                num_frames = 0
-                if writer is not None and video is not None:
+                chunk: dict[str, Any] = {"index": index, "num_frames": 0}
+                wait_s = 0.0
+                if worker is not None and latent is not None:
+                    # ``latent`` is freshly allocated by generate_latent and nothing on this
+                    # thread writes into it afterwards (finalize only reads the clean latent).
+                    job = functools.partial(decode_and_write, latent, index, chunk)
+                    try:
+                        # Blocks while two chunks are pending; a stop request waits for the
+                        # hand-over, so the worker's bookkeeping is never cut in half.
+                        with self._critical():
+                            wait_s = worker.submit(index, job, tensors=[latent])
+                    except BaseException:
+                        self._raise_worker_failure(worker)
+                        raise
+                    latent = None
+                elif writer is not None and video is not None:
                     frames = video_to_uint8_frames(video.reshape(-1, *video.shape[-4:])[0])
                     with self._critical():
                         writer.append(frames)
                         progress_state.num_chunks_written += 1
-                    num_frames = int(frames.shape[0])
+                    chunk["num_frames"] = int(frames.shape[0])
                 t2 = time.perf_counter()
-                if index == 0:
+                if index == 0 and not overlap:
                     rollout["first_chunk_latency_s"] = t2 - rollout_start
                 progress_state.stage = "finalize"
                 maybe_inject_fault(rank, index, "finalize")
                 profile_stats = pipeline.finalize(index, cache)
                 t3 = time.perf_counter()
-                chunk = {
-                    "index": index,
-                    "num_frames": num_frames,
-                    "generate_s": t1 - t0,
-                    "write_s": t2 - t1,
-                    "finalize_s": t3 - t2,
-                    "total_s": t3 - t0,
-                }
+                chunk["generate_s"] = t1 - t0
+                if overlap:
+                    # The worker fills num_frames, decode_s and write_s; wait_s is the time
+                    # this thread waited for it (a free slot, and the last chunk's drain).
+                    chunk.update(wait_s=wait_s, finalize_s=t3 - t2, total_s=t3 - t0)
+                else:
+                    chunk.update(write_s=t2 - t1, finalize_s=t3 - t2, total_s=t3 - t0)
                 if profile_stats:
                     chunk["profile"] = profile_stats
                 chunks.append(chunk)
-                progress_state.last_completed_chunk = index
-                if progress is not None:
-                    progress.update(1)
-                elif self.is_writer and (
-                    (index + 1) % log_every == 0 or index + 1 == config.num_chunks
-                ):
-                    logger.info(
-                        f"chunk {index + 1}/{config.num_chunks}: {num_frames} frames in "
-                        f"{chunk['total_s']:.2f} s"
-                    )
+                if overlap:
+                    overlap_state["finalized"] = index
+                    progress_state.last_completed_chunk = completed_chunk()
+                else:
+                    progress_state.last_completed_chunk = index
+                    report_written(index, chunk)
+            if worker is not None:
+                progress_state.stage = "write"
+                drain_s = worker.drain()
+                if chunks:
+                    chunks[-1]["wait_s"] += drain_s
+                    chunks[-1]["total_s"] += drain_s
+                self._raise_worker_failure(worker)
         finally:
+            if worker is not None:
+                with self._critical():
+                    # The worker must be idle before the video is closed; the chunks it was
+                    # handed are finished (or skipped after a failed one) first.
+                    worker.drain()
+            if overlap:
+                progress_state.last_completed_chunk = completed_chunk()
             if writer is not None:
                 with self._critical():
                     writer.close()
@@ -474,3 +593,12 @@ class Runner:
         rollout["num_frames"] = sum(chunk["num_frames"] for chunk in chunks)
         rollout["steady_fps"] = steady_frames / steady_time if steady and steady_time > 0 else None
         return torch.cat(latents, dim=-4) if latents else None
+
+    def _raise_worker_failure(self, worker: Any) -> None:
+        """Re-raise a failed background decode in this thread, pointing the progress at it."""
+        failed_index = worker.failed_autoregressive_index
+        if failed_index is None:
+            return
+        self.progress.autoregressive_index = failed_index
+        self.progress.stage = "decode"
+        worker.raise_if_failed()
