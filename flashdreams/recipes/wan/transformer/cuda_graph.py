@@ -57,7 +57,9 @@ class CUDAGraphWrapper:
                 return out
             static_inputs = [None if t is None else t.clone() for t in tensors]
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a decode running on the overlap worker thread may
+            # allocate while we capture; that must not invalidate the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_output = self.fn(*static_inputs, **static_kwargs)
             entry = (graph, static_inputs, static_output)
             self._graphs[key] = entry
