@@ -11,8 +11,10 @@ not leak into the next) and is also runnable alone (see its docstring).
 Benchmarks: dit (1 + 2: DiT forward vs diffusers, roofline), stream (3: AR chunk),
 e2e (4: T2V vs diffusers WanPipeline), vae (Wan VAE decode/encode vs
 diffusers, the decoder behind 4), cp (5: bench_cp.py bytes + attention step and
-bench_cp_step.py DiT step at CP 1 vs 2), memory (6: 200-chunk RSS), startup (7), gpu (8:
-bench/gpu/bench_gpu.py; prints a message and exits on machines without CUDA).
+bench_cp_step.py DiT step at CP 1 vs 2), cfg_parallel (CFG branches on two ranks vs
+batched CFG at CP 2), overlap (runner.overlap_decode on vs off), memory (6: 200-chunk
+RSS), startup (7), gpu (8: bench/gpu/bench_gpu.py; prints a message and exits on
+machines without CUDA).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "vae": ("bench_vae.py", True, ""),
     "cp": ("bench_cp.py", False, "Context parallel: bytes per rank and attention step"),
     "cp_step": ("bench_cp_step.py", False, "Context parallel: DiT step at CP 1 vs 2"),
+    "cfg_parallel": (
+        "bench_cfg_parallel.py",
+        False,
+        "CFG on 2 ranks: batched CFG + CP 2 vs cfg_parallel",
+    ),
+    "overlap": ("bench_overlap.py", False, "Rollout with runner.overlap_decode on vs off"),
     "memory": ("bench_memory.py", True, ""),
     "startup": ("bench_startup.py", True, ""),
     "gpu": ("gpu/bench_gpu.py", True, ""),
