@@ -32,7 +32,9 @@ def _rollout(*, use_cuda_graph: bool, compile_network: bool, num_chunks: int = 5
         .to("cuda")
     )
     text = torch.randn(1, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    cache = model.transformer.initialize_autoregressive_cache(height=4, width=4, text_embeddings=text)
+    cache = model.transformer.initialize_autoregressive_cache(
+        height=4, width=4, text_embeddings=text
+    )
     outputs = []
     for index in range(num_chunks):
         clean, final_state = model.generate(index, cache)

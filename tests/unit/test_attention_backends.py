@@ -45,7 +45,9 @@ def test_registry_lists_cpu_and_gpu_backends():
     q = torch.zeros(1, 1, 1, 4)
     assert select_attention_backend(q, need_lse=True).name == "cpu_flash"
     assert select_attention_backend(q, need_lse=False).name == "sdpa"
-    with pytest.raises(KeyError, match="unknown attention backend 'nope'; registered: cpu_flash, cudnn"):
+    with pytest.raises(
+        KeyError, match="unknown attention backend 'nope'; registered: cpu_flash, cudnn"
+    ):
         get_attention_backend("nope")
     with pytest.raises(ValueError, match="attention backend 'flash_attn' runs on cuda, not cpu"):
         attention_with_lse(q, q, q, backend="flash_attn")

@@ -184,11 +184,15 @@ def test_rollout_with_encoder_and_decoder():
     outputs, stats, cache = rollout(pipeline, 3, controls)
     decoder = pipeline.decoder
     # AR 0 loses one frame to causal padding; later steps give 2 per latent frame.
-    assert [o.shape[1] for o in outputs] == [
-        decoder.get_output_temporal_size(0, 3),
-        decoder.get_output_temporal_size(1, 3),
-        decoder.get_output_temporal_size(2, 3),
-    ] == [5, 6, 6]
+    assert (
+        [o.shape[1] for o in outputs]
+        == [
+            decoder.get_output_temporal_size(0, 3),
+            decoder.get_output_temporal_size(1, 3),
+            decoder.get_output_temporal_size(2, 3),
+        ]
+        == [5, 6, 6]
+    )
     assert cache.decoder_cache.num_frames_seen == 9
     assert all(o.abs().max() <= 1 for o in outputs)
     for step_stats in stats:
@@ -233,7 +237,9 @@ def test_ar_step_must_advance_by_one():
     cache = pipeline.initialize_cache()
     pipeline.generate(0, cache)
     pipeline.finalize(0, cache)
-    with pytest.raises(ValueError, match=r"previous step was 0, so the next autoregressive_index must be 1, got 2"):
+    with pytest.raises(
+        ValueError, match=r"previous step was 0, so the next autoregressive_index must be 1, got 2"
+    ):
         pipeline.generate(2, cache)
 
 
@@ -248,7 +254,9 @@ def test_finalize_index_must_match_generate():
     pipeline = make_pipeline()
     cache = pipeline.initialize_cache()
     pipeline.generate(0, cache)
-    with pytest.raises(ValueError, match=r"latest generate\(\) ran AR step 0 but finalize\(\) was called with 1"):
+    with pytest.raises(
+        ValueError, match=r"latest generate\(\) ran AR step 0 but finalize\(\) was called with 1"
+    ):
         pipeline.finalize(1, cache)
 
 
@@ -271,7 +279,9 @@ def test_input_without_encoder_is_refused():
 def test_encoder_without_input_is_refused():
     pipeline = make_pipeline(encoder=NullEncoderConfig())
     cache = pipeline.initialize_cache()
-    with pytest.raises(ValueError, match=r"has an encoder \(NullEncoder\) but no input was given for AR step 0"):
+    with pytest.raises(
+        ValueError, match=r"has an encoder \(NullEncoder\) but no input was given for AR step 0"
+    ):
         pipeline.generate(0, cache)
 
 
@@ -282,7 +292,9 @@ def test_model_rng_is_lazy_seeded_and_reused():
     assert model._rng is None
     rng = model.rng
     assert rng is model.rng
-    assert torch.equal(torch.randn(4, generator=rng), torch.randn(4, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        torch.randn(4, generator=rng), torch.randn(4, generator=torch.Generator().manual_seed(3))
+    )
     unseeded = DiffusionModelConfig(
         transformer=ToyTransformerConfig(), scheduler=FlowMatchSchedulerConfig()
     ).setup()
@@ -298,7 +310,10 @@ def test_model_rng_is_rebuilt_after_a_device_change():
     model._rng_device = torch.device("meta")  # as if the model had lived elsewhere
     rebuilt = model.rng
     assert rebuilt is not first
-    assert torch.equal(torch.randn(2, generator=rebuilt), torch.randn(2, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        torch.randn(2, generator=rebuilt),
+        torch.randn(2, generator=torch.Generator().manual_seed(3)),
+    )
 
 
 def test_diffusion_model_generate_returns_unpatchified_latent_and_final_state():
