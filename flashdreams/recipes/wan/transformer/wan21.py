@@ -115,11 +115,13 @@ class Wan21TransformerConfig(TransformerConfig):
     w_extrapolation_ratio: float = 1.0
     """RoPE width positions are divided by this (resolution extrapolation)."""
     compile_network: bool = True
-    """``torch.compile`` the network on CUDA; skipped (logged once) on CPU."""
+    """``torch.compile`` the network's blocks on CUDA, the KV-cache self-attention entry
+    point left eager (:meth:`WanDiTNetwork.compile_blocks`: one compile on the first
+    chunk, none while the window fills); skipped (logged once) on CPU."""
     compile_network_on_cpu: bool = False
-    """Also ``torch.compile`` the network on CPU (inductor's C++ backend: needs a C++
-    compiler, and the first call per shape compiles for tens of seconds). Measured
-    ~20% faster than eager on the mid-size CPU benchmark (bench/RESULTS.md)."""
+    """Also compile the blocks on CPU (inductor's C++ backend: needs a C++ compiler;
+    the first chunk compiles for seconds to tens of seconds). On the mid-size CPU
+    benchmark it is within a few percent of eager (bench/RESULTS.md)."""
     use_cuda_graph: bool = True
     """Replay the network from CUDA graphs once the KV cache is in steady state
     (:class:`~flashdreams.recipes.wan.transformer.cuda_graph.CUDAGraphWrapper`);
@@ -284,7 +286,6 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         self._height: int | None = None
         self._width: int | None = None
         self._acceleration_resolved = False
-        self._forward_fn: Callable[..., torch.Tensor] = self.network
         self._graph: CUDAGraphWrapper | None = None
         self._graph_cache_id: int | None = None
 
@@ -664,8 +665,8 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         self._acceleration_resolved = True
         config = self.config
         if device.type == "cpu" and config.compile_network_on_cpu:
-            logger.info("Wan21Transformer: compiling the network for CPU (torch.compile)")
-            self._forward_fn = torch.compile(self.network, dynamic=False)
+            logger.info("Wan21Transformer: compiling the network blocks for CPU (torch.compile)")
+            self.network.compile_blocks(dynamic=False)
             return
         if device.type != "cuda":
             if config.compile_network or config.use_cuda_graph:
@@ -676,7 +677,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
                 )
             return
         if config.compile_network:
-            self._forward_fn = torch.compile(self.network)
+            self.network.compile_blocks(dynamic=False)
         if config.use_cuda_graph and self.cp_mesh is not None:
             logger.info(
                 "Wan21Transformer: use_cuda_graph is skipped under context parallelism "
@@ -695,7 +696,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         **kwargs: Any,
     ) -> torch.Tensor:
         """Network call with the per-call tensors first, as :class:`CUDAGraphWrapper` expects."""
-        return self._forward_fn(x, t, cache, rope_freqs, **kwargs)
+        return self.network(x, t, cache, rope_freqs, **kwargs)
 
     @property
     def cuda_graph_capture_ar_idx(self) -> int:
@@ -719,7 +720,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         chunk_index = network_cache.chunk_index
         steady = network_cache.is_steady_state and chunk_index >= self.cuda_graph_capture_ar_idx
         if self._graph is None or not steady or block_extra_kwargs:
-            return self._forward_fn(
+            return self.network(
                 x,
                 t,
                 network_cache,

@@ -11,6 +11,7 @@ Shape legend::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,9 @@ class WanSelfAttention(nn.Module):
         self.norm_k = WanRMSNorm(dim, eps)
         self.qkv: nn.Linear | None = None
         self.context_parallel: Any = None
+        self.attention_entry: Callable[..., torch.Tensor] = self_attention
+        """The self-attention entry point; :meth:`WanDiTNetwork.compile_blocks` swaps in a
+        copy that ``torch.compile`` leaves eager (it owns the KV-cache bookkeeping)."""
 
     @torch.no_grad()
     def fuse_qkv(self) -> None:
@@ -140,7 +144,7 @@ class WanSelfAttention(nn.Module):
         if rope_freqs is not None:
             q = apply_rope(q, rope_freqs)
             k = apply_rope(k, rope_freqs)
-        out = self_attention(
+        out = self.attention_entry(
             q,
             k,
             v,

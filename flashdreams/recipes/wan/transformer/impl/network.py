@@ -329,6 +329,23 @@ class WanDiTNetwork(nn.Module):
             head.bias.copy_(head.bias[order])
             self._head_channels_first = True
 
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` every block in place; the self-attention entry point stays eager.
+
+        The entry point reads and advances the KV cache through Python ints that
+        change on every chunk while the window fills; traced into a graph they
+        force a recompile per chunk (until dynamo's limit, after which it runs
+        eagerly for good) or symbolic shapes. Left out, each block sees the same
+        shapes on every chunk, and all blocks share one compiled graph (their
+        parameters are graph inputs). ``compile_kwargs`` go to ``torch.compile``.
+        """
+        from flashdreams.core.attention import self_attention
+
+        eager_entry = torch.compiler.disable(self_attention)
+        for block in self.blocks:
+            block.self_attn.attention_entry = eager_entry
+            block.compile(**compile_kwargs)
+
     def keep_modulation_in_fp32(self) -> None:
         """Keep the time embedding and modulation tables in fp32 (upstream does) after ``.to(dtype)``."""
         self.time_embedding.float()
