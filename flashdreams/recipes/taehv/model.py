@@ -317,7 +317,7 @@ class TeahvVAEDecoder(StreamingVideoDecoder[TAEHVCache]):
             elif wants_compile:
                 mode = "reduce-overhead" if self.config.use_cuda_graph else None
                 self._compiled_network = torch.compile(self.decoder, mode=mode, dynamic=False)
-        return self._compiled_network or self.decoder
+        return self.decoder if self._compiled_network is None else self._compiled_network
 
     @torch.no_grad()
     def forward(

@@ -31,12 +31,18 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available()
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether to call oneDNN's convolution directly (CPU fp32 inference)."""
+    """Whether to call oneDNN's convolution directly (CPU fp32 inference, eager only:
+    under ``torch.compile`` the plain convolution lets inductor choose, and dynamo
+    does not trace ``torch.backends`` queries, which would break the graph here)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
+        and not torch.compiler.is_compiling()
+        and _ONEDNN_AVAILABLE
         and torch.backends.mkldnn.enabled
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )

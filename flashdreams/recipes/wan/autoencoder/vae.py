@@ -296,7 +296,7 @@ class _WanVAEMixin:
                     else "max-autotune-no-cudagraphs"
                 )
                 self._compiled = torch.compile(module, mode=mode, dynamic=False)
-        return self._compiled or module
+        return module if self._compiled is None else self._compiled
 
     def _run_chunk(
         self, module: nn.Module, x: torch.Tensor, cache: FeatureCache, **kwargs: Any
