@@ -248,3 +248,23 @@ def test_bfloat16_runs_and_keeps_input_dtype() -> None:
     video = decoder(_latent(2))
     assert video.dtype == torch.float32
     assert next(decoder.parameters()).dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_compile_path_traces_without_graph_breaks():
+    """The CUDA compile path (``use_cuda_graph=True`` by default) wraps the network as
+    here but with inductor; traced with dynamo's eager backend and ``fullgraph=True``
+    (a graph break raises), a streamed rollout equals the eager one."""
+    decoder = _tiny_decoder()
+    latents = [_latent(2, seed=seed, batch_shape=(1,)) for seed in (1, 2, 3)]
+    cache = decoder.initialize_autoregressive_cache()
+    expected = [decoder(latent, index, cache) for index, latent in enumerate(latents)]
+    decoder._compile_checked = True
+    decoder._compiled_network = torch.compile(
+        decoder.decoder, backend="eager", fullgraph=True, dynamic=False
+    )
+    cache = decoder.initialize_autoregressive_cache()
+    for index, latent in enumerate(latents):
+        torch.testing.assert_close(
+            decoder(latent, index, cache), expected[index], rtol=0, atol=1e-5
+        )

@@ -340,3 +340,40 @@ def test_onednn_convolution_matches_torch_in_both_layouts(shape):
     tolerance = 1e-6 * expected.abs().max().item()
     assert (plain - expected).abs().max().item() <= tolerance
     assert (last - expected).abs().max().item() <= tolerance
+
+
+# --- the CUDA compile path (use_cuda_graph=True by default) traces as one graph ------------
+
+
+def _traced_stream_matches_eager(model, network_name: str, chunks) -> None:
+    """Stream ``chunks`` eagerly, then with ``network_name`` wrapped the way ``_network``
+    wraps it on CUDA, but with dynamo's eager backend and ``fullgraph=True`` (any graph
+    break raises: a break would split the compiled VAE into many small graphs, each
+    recompiled per shape until dynamo's limit leaves the rest eager)."""
+    cache = model.initialize_autoregressive_cache()
+    expected = [model(chunk, index, cache) for index, chunk in enumerate(chunks)]
+    model._compile_checked = True
+    model._compiled = torch.compile(
+        getattr(model, network_name), backend="eager", fullgraph=True, dynamic=False
+    )
+    cache = model.initialize_autoregressive_cache()
+    for index, chunk in enumerate(chunks):
+        torch.testing.assert_close(model(chunk, index, cache), expected[index], rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_decoder_compile_path_traces_without_graph_breaks():
+    encoder_config, decoder_config, overrides = WAN21
+    decoder = _build(decoder_config, **overrides)
+    generator = torch.Generator().manual_seed(1)
+    latents = list(torch.randn(3, 1, 2, 4, 4, 4, generator=generator))  # 3 chunks, 2 frames
+    _traced_stream_matches_eager(decoder, "decoder", latents)
+
+
+@torch.no_grad()
+def test_encoder_compile_path_traces_without_graph_breaks():
+    encoder_config, decoder_config, overrides = WAN21
+    encoder = _build(encoder_config, **overrides)
+    generator = torch.Generator().manual_seed(1)
+    frames = torch.rand(1, 9, 3, 32, 32, generator=generator) * 2 - 1
+    _traced_stream_matches_eager(encoder, "encoder", [frames[:, :1], frames[:, 1:5], frames[:, 5:]])
