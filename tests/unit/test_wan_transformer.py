@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from loguru import logger
@@ -19,6 +22,7 @@ from flashdreams.recipes.wan.transformer import (
     wan_diffusers_state_dict_transform,
 )
 from flashdreams.recipes.wan.transformer.checkpoint import WAN_DIFFUSERS_KEY_PATTERNS
+from flashdreams.recipes.wan.transformer.cuda_graph import CUDAGraphWrapper
 
 
 def _config(**overrides) -> Wan21TransformerConfig:
@@ -460,6 +464,16 @@ class WanSource:
         return out
 
 
+def _chunk_on_each(models, caches, x: torch.Tensor, index: int) -> list[torch.Tensor]:
+    """One AR chunk (predict at t=700, then commit) of the same input on each model."""
+    flows = []
+    for model, cache in zip(models, caches, strict=True):
+        cache.start(index)
+        flows.append(model.predict_flow(x, torch.tensor(700.0), cache))
+        model.finalize_kv_cache(x, torch.tensor(0.0), cache)
+    return flows
+
+
 @torch.no_grad()
 def test_compile_network_on_cpu_matches_eager_over_a_rollout():
     """``compile_network_on_cpu``: compiled blocks give the eager results, and a rollout
@@ -477,11 +491,7 @@ def test_compile_network_on_cpu_matches_eager_over_a_rollout():
     graphs_after_first_chunk = None
     for index in range(6):  # keys attended: 16, 32, 48, 64, then 64 (window full)
         x = torch.randn(eager.latent_shape, generator=generator)
-        flows = []
-        for model, cache in zip((compiled, eager), caches, strict=True):
-            cache.start(index)
-            flows.append(model.predict_flow(x, torch.tensor(700.0), cache))
-            model.finalize_kv_cache(x, torch.tensor(0.0), cache)
+        flows = _chunk_on_each((compiled, eager), caches, x, index)
         torch.testing.assert_close(flows[0], flows[1], rtol=0, atol=1e-5)
         if index == 0:
             graphs_after_first_chunk = counters["stats"]["unique_graphs"]
@@ -489,3 +499,51 @@ def test_compile_network_on_cpu_matches_eager_over_a_rollout():
     assert counters["stats"]["unique_graphs"] == graphs_after_first_chunk
     assert all(block._compiled_call_impl is not None for block in compiled.network.blocks)
     assert all(block._compiled_call_impl is None for block in eager.network.blocks)
+
+
+class _ReplayingGraph(CUDAGraphWrapper):
+    """CPU stand-in for :class:`CUDAGraphWrapper` with replay semantics: the network
+    cache seen at "capture" is the one every later call of that key runs on (a CUDA
+    graph replays the addresses it captured)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__(fn, warmup_iters=0)
+        self.num_resets = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.num_resets += 1
+
+    def __call__(self, key, *tensors, **static_kwargs):
+        # Like a CUDA graph, hold no reference to the captured cache's storage.
+        captured_cache = self._graphs.setdefault(key, weakref.ref(static_kwargs["cache"]))()
+        assert captured_cache is not None, "replayed a graph whose cache was freed"
+        return self.fn(*tensors, **{**static_kwargs, "cache": captured_cache})
+
+
+@torch.no_grad()
+def test_graphs_are_recaptured_for_each_rollout_cache():
+    """Steady-state chunks go through the graph wrapper; a new rollout (its cache built
+    after the previous one was freed) drops the graphs captured on the old cache."""
+    graphed = _transformer(len_t=1, window_size_t=3)
+    eager = _transformer(len_t=1, window_size_t=3)
+    eager.load_state_dict(graphed.state_dict())
+    graphed._acceleration_resolved = True
+    graphed._graph = _ReplayingGraph(graphed._graph_call)
+    assert graphed.cuda_graph_capture_ar_idx == 3
+    for rollout in range(2):
+        caches = [
+            model.initialize_autoregressive_cache(
+                height=4, width=4, text_embeddings=_text(10 + rollout)
+            )
+            for model in (graphed, eager)
+        ]
+        generator = torch.Generator().manual_seed(rollout)
+        for index in range(6):
+            x = torch.randn(eager.latent_shape, generator=generator)
+            flows = _chunk_on_each((graphed, eager), caches, x, index)
+            torch.testing.assert_close(flows[0], flows[1], rtol=0, atol=1e-6)
+        assert graphed._graph.num_resets == rollout + 1
+        assert set(graphed._graph._graphs) == {(False, (1, 4, 64), (1,)), (True, (1, 4, 64), (1,))}
+        del caches
+        gc.collect()

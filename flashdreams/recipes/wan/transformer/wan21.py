@@ -10,6 +10,7 @@ Shape legend::
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,7 +288,9 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         self._width: int | None = None
         self._acceleration_resolved = False
         self._graph: CUDAGraphWrapper | None = None
-        self._graph_cache_id: int | None = None
+        # The network cache the captured graphs point into (weak: a finished rollout's
+        # cache may be freed; an id() could then be reused by the next rollout's).
+        self._graph_cache_ref: weakref.ref[WanDiTNetworkCache] | None = None
 
     # ------------------------------------------------------------ checkpoint
     def load_checkpoint(self, path: str) -> None:
@@ -731,9 +734,10 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
                 commit=commit,
                 relative_rope=relative_rope,
             )
-        if self._graph_cache_id != id(network_cache):
+        if self._graph_cache_ref is None or self._graph_cache_ref() is not network_cache:
+            # A new rollout: graphs captured on another cache replay its addresses.
             self._graph.reset()
-            self._graph_cache_id = id(network_cache)
+            self._graph_cache_ref = weakref.ref(network_cache)
         key = (commit, tuple(x.shape), tuple(t.shape))
         out = self._graph(
             key,
