@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flashdreams.core.attention import KVCache, RelativeRope
+from flashdreams.core.attention import KVCache, RelativeRope, self_attention
 from flashdreams.core.distributed.sharding import gather_tokens, split_tokens
 from flashdreams.infra.config import InstantiateConfig
 from flashdreams.recipes.wan.transformer.impl.blocks import (
@@ -339,8 +339,6 @@ class WanDiTNetwork(nn.Module):
         shapes on every chunk, and all blocks share one compiled graph (their
         parameters are graph inputs). ``compile_kwargs`` go to ``torch.compile``.
         """
-        from flashdreams.core.attention import self_attention
-
         eager_entry = torch.compiler.disable(self_attention)
         for block in self.blocks:
             block.self_attn.attention_entry = eager_entry
