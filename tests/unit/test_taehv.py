@@ -146,16 +146,72 @@ def test_output_shape_range_and_ratios() -> None:
     assert video.std() > 0.05  # not a constant image
 
 
+LATENT_MEAN = (0.5, -1.0, 0.25, 2.0)
+LATENT_STD = (2.0, 0.5, 3.0, 1.5)
+
+
 def test_lighttae_checkpoint_matches_upstream_style_decode(tmp_path) -> None:
+    """LightX2V decodes ``z * std + mean`` with every lighttae file: so must we."""
     flat = _flat_lighttae_checkpoint()
     path = tmp_path / "lighttaew2_1.pth"
     torch.save(flat, path)
-    decoder = _tiny_config(checkpoint_path=str(path)).setup().eval()
+    decoder = _tiny_config(
+        checkpoint_path=str(path), latent_mean=LATENT_MEAN, latent_std=LATENT_STD
+    ).setup()
+    assert decoder.unnormalize_latent
     latent = _latent(4)
-    expected = _upstream_style_decode(flat, latent) * 2 - 1
-    actual = decoder(latent)
+    raw = latent * torch.tensor(LATENT_STD).view(-1, 1, 1) + torch.tensor(LATENT_MEAN).view(
+        -1, 1, 1
+    )
+    expected = _upstream_style_decode(flat, raw) * 2 - 1
+    actual = decoder.eval()(latent)
     assert actual.shape == expected.shape == (2, 13, 3, 24, 32)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    # the normalised latent as it is (what the decoder did before) is far off
+    assert (actual - (_upstream_style_decode(flat, latent) * 2 - 1)).abs().max() > 0.05
+
+
+def test_taew2_1_checkpoint_decodes_the_normalised_latent(tmp_path) -> None:
+    """madebyollin's taew2_1 takes the DiT's latent as it is; an explicit field overrides the name."""
+    flat = _flat_lighttae_checkpoint()
+    torch.save(flat, tmp_path / "taew2_1.pth")
+    decoder = _tiny_config(checkpoint_path=str(tmp_path / "taew2_1.pth")).setup().eval()
+    assert not decoder.unnormalize_latent
+    latent = _latent(4)
+    expected = _upstream_style_decode(flat, latent) * 2 - 1
+    torch.testing.assert_close(decoder(latent), expected, atol=1e-5, rtol=1e-5)
+    renamed = tmp_path / "my_decoder.pth"
+    torch.save(flat, renamed)
+    forced = _tiny_config(
+        checkpoint_path=str(renamed),
+        unnormalize_latent=True,
+        latent_mean=LATENT_MEAN,
+        latent_std=LATENT_STD,
+    ).setup()
+    assert forced.unnormalize_latent
+
+
+def test_lighttae_defaults_to_the_wan_latent_statistics(tmp_path) -> None:
+    from flashdreams.recipes.taehv.model import checkpoint_takes_raw_latents
+    from flashdreams.recipes.wan.autoencoder.vae import (
+        WAN21_LATENT_MEAN,
+        WAN21_LATENT_STD,
+        WAN22_LATENT_MEAN,
+    )
+
+    assert checkpoint_takes_raw_latents(AVAILABLE_TAEHV_CHECKPOINT_PATHS["lighttae"])
+    assert checkpoint_takes_raw_latents("/ckpt/lighttaew2_1.safetensors")
+    assert not checkpoint_takes_raw_latents("/ckpt/taew2_1.pth")
+    assert not checkpoint_takes_raw_latents(None)
+    wan21 = _tiny_config(latent_channels=16, unnormalize_latent=True).setup()
+    assert wan21._latent_mean.tolist() == pytest.approx(WAN21_LATENT_MEAN)
+    assert wan21._latent_std.tolist() == pytest.approx(WAN21_LATENT_STD)
+    wan22 = _tiny_config(latent_channels=48, unnormalize_latent=True).setup()
+    assert wan22._latent_mean.tolist() == pytest.approx(WAN22_LATENT_MEAN)
+    with pytest.raises(
+        ValueError, match="only 16-channel .Wan 2.1. and 48-channel .Wan 2.2. latents have defaults"
+    ):
+        _tiny_config(unnormalize_latent=True).setup()
 
 
 def test_lighttae_transform_layout() -> None:

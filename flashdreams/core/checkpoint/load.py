@@ -74,14 +74,35 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"'{path}' holds a {type(obj).__name__}, not a state dict of tensors")
+    return flatten_nested_state_dict(obj, source=f"'{path}'")
+
+
+def flatten_nested_state_dict(
+    obj: Mapping[str, object], *, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Flatten dicts of state dicts into one state dict with dotted keys.
+
+    Training checkpoints often hold several state dicts in one file (the
+    Self-Forcing ``self_forcing_dmd.pt`` is ``{"generator": {...}, "critic":
+    {...}, "generator_ema": {...}}``); their tensors come back as
+    ``generator_ema.model.blocks.0...``. A flat state dict passes unchanged.
+    """
     flat: dict[str, torch.Tensor] = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(
-                f"'{path}': entry '{key}' is a {type(value).__name__}, not a tensor; "
-                "only flat state dicts of tensors are supported"
-            )
-        flat[key] = value
+
+    def visit(prefix: str, mapping: Mapping[str, object]) -> None:
+        for key, value in mapping.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, torch.Tensor):
+                flat[name] = value
+            elif isinstance(value, Mapping):
+                visit(f"{name}.", value)
+            else:
+                raise ValueError(
+                    f"{source}: entry '{name}' is a {type(value).__name__}, not a tensor or a "
+                    "dict of tensors"
+                )
+
+    visit("", obj)
     return flat
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,43 @@ AVAILABLE_TAEHV_CHECKPOINT_PATHS: dict[str, str] = {
     "lighttae": "https://huggingface.co/lightx2v/Autoencoders/resolve/main/lighttaew2_1.pth",
 }
 """Known TAEHV decoder checkpoints by name (upstream addresses; download them yourself)."""
+
+RAW_LATENT_CHECKPOINT_PREFIXES = ("lighttae",)
+"""File-name prefixes of checkpoints trained on un-normalised Wan latents. LightX2V's
+tiny autoencoders (``lighttaew2_1``, ``lighttaew2_2``) decode ``z * std + mean`` (LightX2V
+applies it before every lighttae decoder); madebyollin's ``taew2_1`` / ``taew2_2`` decode
+the normalised latent the DiT produces."""
+
+
+def checkpoint_takes_raw_latents(checkpoint_path: str | None) -> bool:
+    """Whether the named TAEHV checkpoint decodes un-normalised Wan latents (by file name)."""
+    if checkpoint_path is None:
+        return False
+    name = Path(str(checkpoint_path).rstrip("/")).name.lower()
+    return name.startswith(RAW_LATENT_CHECKPOINT_PREFIXES)
+
+
+def _wan_latent_statistics(num_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Wan 2.1 (16 channels) or Wan 2.2 (48 channels) latent mean and std."""
+    from flashdreams.recipes.wan.autoencoder.vae import (
+        WAN21_LATENT_MEAN,
+        WAN21_LATENT_STD,
+        WAN22_LATENT_MEAN,
+        WAN22_LATENT_STD,
+    )
+
+    known = {
+        len(WAN21_LATENT_MEAN): (WAN21_LATENT_MEAN, WAN21_LATENT_STD),
+        len(WAN22_LATENT_MEAN): (WAN22_LATENT_MEAN, WAN22_LATENT_STD),
+    }
+    if num_channels not in known:
+        raise ValueError(
+            f"TAEHV: unnormalize_latent needs latent_mean and latent_std; only 16-channel "
+            f"(Wan 2.1) and 48-channel (Wan 2.2) latents have defaults, got latent_channels="
+            f"{num_channels}"
+        )
+    return known[num_channels]
+
 
 # Index of the first-stage temporal upsampler inside ``decoder.blocks`` for the
 # default layout (Clamp, conv, ReLU, 3 x MemBlock, Upsample, TGrow, ...).
@@ -240,9 +278,27 @@ class TeahvVAEDecoderConfig(DecoderConfig):
     decoder_space_upscale: tuple[bool, ...] = (True, True, True)
     """Per stage: whether it doubles height and width."""
 
+    unnormalize_latent: bool | None = None
+    """Decode ``z * latent_std + latent_mean`` instead of the DiT's normalised latent ``z``.
+    The checkpoint decides: LightX2V's ``lighttae*`` files were trained on un-normalised
+    latents (LightX2V un-normalises before them), madebyollin's ``taew2_1`` / ``taew2_2``
+    on the normalised one. ``None`` picks by the checkpoint's file name
+    (:data:`RAW_LATENT_CHECKPOINT_PREFIXES`: on for ``lighttae*``, off otherwise and
+    for random weights); set it when a file was renamed."""
+
+    latent_mean: tuple[float, ...] | None = None
+    """Per-channel latent mean for ``unnormalize_latent``; ``None``: Wan 2.1's for 16
+    latent channels, Wan 2.2's for 48."""
+
+    latent_std: tuple[float, ...] | None = None
+    """Per-channel latent std for ``unnormalize_latent``; ``None`` as for ``latent_mean``."""
+
 
 class TeahvVAEDecoder(StreamingVideoDecoder[TAEHVCache]):
     """TAEHV light decoder: latent [..., Tl, Cl, Hl, Wl] -> video [..., T, 3, H, W] in [-1, 1].
+
+    The input is the DiT's normalised latent; checkpoints trained on raw latents
+    (``lighttae*``, see ``unnormalize_latent``) get it un-normalised first.
 
     The first decoded chunk drops the first ``time_upscale - 1`` frames, as
     upstream TAEHV does, so ``Tl`` latents give ``1 + 4 * (Tl - 1)`` frames at
@@ -261,11 +317,35 @@ class TeahvVAEDecoder(StreamingVideoDecoder[TAEHVCache]):
         self._time_upscale = 2 ** sum(bool(flag) for flag in config.decoder_time_upscale)
         self._space_upscale = 2 ** sum(bool(flag) for flag in config.decoder_space_upscale)
         self.frames_to_trim = self._time_upscale - 1
+        self.unnormalize_latent = (
+            checkpoint_takes_raw_latents(config.checkpoint_path)
+            if config.unnormalize_latent is None
+            else config.unnormalize_latent
+        )
+        # [C] fp32 statistics of the latent normalisation; used only with unnormalize_latent.
+        self._latent_mean: torch.Tensor | None = None
+        self._latent_std: torch.Tensor | None = None
+        if self.unnormalize_latent:
+            self._latent_mean, self._latent_std = self._latent_statistics()
         if config.checkpoint_path is not None:
             self.load_from_checkpoint(config.checkpoint_path)
         self.to(config.dtype)
         self._compiled_network: Callable[..., Any] | None = None
         self._compile_checked = False
+
+    def _latent_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        mean, std = config.latent_mean, config.latent_std
+        if mean is None or std is None:
+            default_mean, default_std = _wan_latent_statistics(config.latent_channels)
+            mean = default_mean if mean is None else mean
+            std = default_std if std is None else std
+        if len(mean) != config.latent_channels or len(std) != config.latent_channels:
+            raise ValueError(
+                f"TAEHV: latent_mean and latent_std need latent_channels={config.latent_channels} "
+                f"entries; got {len(mean)} and {len(std)}"
+            )
+        return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
     def load_from_checkpoint(self, checkpoint_path: str) -> None:
         """Load weights from a local file, applying ``config.state_dict_transform``."""
@@ -343,7 +423,13 @@ class TeahvVAEDecoder(StreamingVideoDecoder[TAEHVCache]):
         if cache is None:
             cache = self.initialize_autoregressive_cache()
         leading_shape = input.shape[:-4]
-        latent = input.reshape(-1, *input.shape[-4:]).to(self.config.dtype)
+        latent = input.reshape(-1, *input.shape[-4:])
+        if self.unnormalize_latent:
+            # [N, T, C, H, W] * [C, 1, 1] + [C, 1, 1], in fp32
+            mean = self._latent_mean.to(latent.device).view(-1, 1, 1)
+            std = self._latent_std.to(latent.device).view(-1, 1, 1)
+            latent = latent.float() * std + mean
+        latent = latent.to(self.config.dtype)
         network = self._network(latent.device)
         frames, memory = network(latent, cache.memory)
         if network is not self.decoder:

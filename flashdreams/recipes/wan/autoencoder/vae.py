@@ -26,6 +26,7 @@ from flashdreams.core.checkpoint import (
     remap_checkpoint_keys,
     resolve_local_checkpoint,
 )
+from flashdreams.core.checkpoint.layout import find_layout, strip_prefix
 from flashdreams.infra.decoder.base import (
     DecoderConfig,
     StreamingDecoderCache,
@@ -205,6 +206,39 @@ def wan22_ti2v_5b_vae_state_dict_transform(
     return remap_checkpoint_keys(state_dict, patterns)
 
 
+def to_original_wan_vae_keys(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    part: str,
+    is_residual: bool,
+    source: str = "checkpoint",
+) -> dict[str, torch.Tensor]:
+    """Bring a Wan VAE state dict in the original or the diffusers layout to the original keys.
+
+    ``part`` (``"encoder"`` or ``"decoder"``) names the half whose marker key is
+    looked for. Diffusers keys are renamed with the Wan 2.2 remap for a residual
+    VAE (``is_residual``) and the Wan 2.1 remap otherwise; anything else raises a
+    one-line ``ValueError`` naming the layouts looked for.
+    """
+    markers = {
+        "original Wan keys": f"{part}.conv1.weight",
+        "diffusers keys": f"{part}.conv_in.weight",
+    }
+    found = find_layout(state_dict, markers, what="Wan VAE", source=source)
+    weights = state_dict if not found.is_nested else strip_prefix(state_dict, found.prefix)
+    if found.is_nested:
+        logger.info(f"{source}: loading its '{found.prefix}' weights")
+    if found.layout == "diffusers keys":
+        transform = (
+            wan22_ti2v_5b_vae_state_dict_transform
+            if is_residual
+            else wan21_diffusers_vae_state_dict_transform
+        )
+        logger.info(f"{source}: diffusers layout, renamed with {transform.__name__}")
+        return transform(weights)
+    return dict(weights)
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -264,6 +298,12 @@ class _WanVAEMixin:
         state_dict = load_checkpoint(local)
         if self.config.state_dict_transform is not None:
             state_dict = self.config.state_dict_transform(state_dict)
+        state_dict = to_original_wan_vae_keys(
+            state_dict,
+            part=self._kind,
+            is_residual=self.config.is_residual,
+            source=f"Wan VAE checkpoint '{local}'",
+        )
         own = {k: v for k, v in state_dict.items() if k.startswith(self._owned_prefixes)}
         load_state_dict_into_module(self, own, source=f"Wan VAE checkpoint '{local}'")  # type: ignore[arg-type]
 
@@ -356,7 +396,9 @@ class _WanVAEFields:
     """Per-channel latent std of the normalisation; ``z_dim`` entries."""
 
     state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-    """Key remap applied to the loaded state dict; ``None`` for the original Wan layout."""
+    """Key remap applied to the loaded state dict. Not needed for the original Wan keys
+    (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``) nor for a diffusers ``vae`` folder: the
+    layout is detected after this runs and diffusers keys are renamed."""
 
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     """Channel multiplier of each stage (the real Wan value; smaller in tiny test models)."""

@@ -68,8 +68,15 @@ def wan_t5_state_dict_transform(sd: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's prompt clean-up: undo HTML escapes, collapse whitespace, strip the ends."""
-    text = html.unescape(html.unescape(text))
+    """Wan's prompt clean-up before tokenizing, step for step as upstream does it.
+
+    ``ftfy.fix_text`` (repairs mojibake such as ``"cafÃ©"`` and odd quotes), HTML
+    unescaping twice (``"&amp;amp;"`` -> ``"&"``), then whitespace runs folded to one
+    space and the ends stripped.
+    """
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 
 

@@ -3,7 +3,9 @@
 :class:`~flashdreams.recipes.wan.transformer.impl.network.WanDiTNetwork` uses the
 original Wan key names (``Wan2.1`` repo, Self-Forcing, CausVid), so those load
 as they are. Diffusers ``WanTransformer3DModel`` checkpoints load through
-:func:`wan_diffusers_state_dict_transform`.
+:func:`wan_diffusers_state_dict_transform`. :func:`to_original_wan_dit_keys`
+detects which of the two a file uses, also inside a training checkpoint
+(Self-Forcing's ``{generator, critic, generator_ema}``), and converts it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from loguru import logger
+
+from flashdreams.core.checkpoint.layout import find_layout, strip_prefix
 
 WAN_DIFFUSERS_KEY_PATTERNS: list[tuple[str, str]] = [
     (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
@@ -57,3 +62,35 @@ def wan_diffusers_state_dict_transform(
 
     kept = {k: v for k, v in state_dict.items() if not k.endswith(_DIFFUSERS_IGNORED_SUFFIXES)}
     return remap_checkpoint_keys(kept, WAN_DIFFUSERS_KEY_PATTERNS)
+
+
+WAN_DIT_LAYOUT_MARKERS = {
+    "original Wan keys": "blocks.0.self_attn.q.weight",
+    "diffusers keys": "blocks.0.attn1.to_q.weight",
+}
+"""Layout name -> a key only that layout has."""
+
+
+def to_original_wan_dit_keys(
+    state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Bring a Wan DiT state dict in any known layout to the original Wan keys.
+
+    Handles the original Wan keys (returned as they are), diffusers keys
+    (renamed with :func:`wan_diffusers_state_dict_transform`) and either one
+    nested in a training checkpoint (the EMA generator is taken, as upstream
+    inference does). Anything else raises a one-line ``ValueError`` that
+    names the layouts looked for.
+    """
+    found = find_layout(state_dict, WAN_DIT_LAYOUT_MARKERS, what="Wan DiT", source=source)
+    weights = strip_prefix(state_dict, found.prefix)
+    if found.is_nested:
+        others = [p for p in found.candidates if p != found.prefix]
+        logger.info(
+            f"{source}: training checkpoint, loading its '{found.prefix}' weights"
+            + (f" (it also holds {', '.join(repr(p) for p in others)})" if others else "")
+        )
+    if found.layout == "diffusers keys":
+        logger.info(f"{source}: diffusers layout, renamed to the original Wan keys")
+        weights = wan_diffusers_state_dict_transform(weights)
+    return weights

@@ -99,7 +99,9 @@ class Wan21TransformerConfig(TransformerConfig):
     """Local checkpoint (safetensors file / index / folder, or weights-only .pth); ``None`` keeps random weights."""
     state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     """Pre-load state-dict remap (e.g. Self-Forcing's ``generator_ema.model.`` layout or
-    :func:`~flashdreams.recipes.wan.transformer.checkpoint.wan_diffusers_state_dict_transform`)."""
+    :func:`~flashdreams.recipes.wan.transformer.checkpoint.wan_diffusers_state_dict_transform`).
+    Not needed for the known layouts: original Wan keys, diffusers keys and training
+    checkpoints nesting either are detected and converted after it runs."""
     batch_shape: tuple[int, ...] = (1,)
     """Leading batch dims of the latent."""
     len_t: int = 21
@@ -294,12 +296,14 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
 
     # ------------------------------------------------------------ checkpoint
     def load_checkpoint(self, path: str) -> None:
-        """Load weights into the (unfused) network: load -> transform -> strict copy."""
+        """Load weights into the (unfused) network: load -> transform -> layout check -> strict copy."""
         from flashdreams.core.checkpoint import load_checkpoint, load_state_dict_into_module
+        from flashdreams.recipes.wan.transformer.checkpoint import to_original_wan_dit_keys
 
         state_dict = load_checkpoint(path)
         if self.config.state_dict_transform is not None:
             state_dict = self.config.state_dict_transform(state_dict)
+        state_dict = to_original_wan_dit_keys(state_dict, source=f"checkpoint '{path}'")
         load_state_dict_into_module(
             self.network, state_dict, strict=True, source=f"checkpoint '{path}'"
         )

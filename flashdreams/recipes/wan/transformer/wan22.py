@@ -42,8 +42,8 @@ class Wan22TransformerCache(TransformerAutoregressiveCache):
 class Wan22TransformerConfig(TransformerConfig):
     """Config for the Wan 2.2 dual-network transformer.
 
-    A timestep above ``boundary_ratio * num_train_timesteps`` goes to the
-    high-noise branch, the rest to the low-noise branch. The branches must
+    A timestep at or above ``boundary_ratio * num_train_timesteps`` goes to the
+    high-noise branch, the rest to the low-noise branch (as upstream Wan 2.2 does). The branches must
     agree on everything that shapes the latent and the rollout. No CFG and
     no I2V here.
     """
@@ -51,9 +51,9 @@ class Wan22TransformerConfig(TransformerConfig):
     _target: type[Wan22Transformer] = field(default_factory=lambda: Wan22Transformer)
     """Always :class:`Wan22Transformer`."""
     transformer_high_noise: Wan21TransformerConfig = field(default_factory=Wan21TransformerConfig)
-    """Sub-config for the high-noise branch (timestep > boundary)."""
+    """Sub-config for the high-noise branch (timestep >= boundary)."""
     transformer_low_noise: Wan21TransformerConfig = field(default_factory=Wan21TransformerConfig)
-    """Sub-config for the low-noise branch (timestep <= boundary)."""
+    """Sub-config for the low-noise branch (timestep < boundary)."""
     boundary_ratio: float = 0.875
     """Switch point as a fraction of ``num_train_timesteps``."""
     num_train_timesteps: int = 1000
@@ -152,9 +152,9 @@ class Wan22Transformer(Transformer[Wan22TransformerCache]):
         )
 
     def select_branch(self, timestep: torch.Tensor) -> str:
-        """``"high_noise"`` if the (largest) timestep is above the boundary, else ``"low_noise"``."""
+        """``"high_noise"`` if the (largest) timestep is at or above the boundary, else ``"low_noise"``."""
         value = float(timestep.detach().float().max())
-        return "high_noise" if value > self.config.boundary_timestep else "low_noise"
+        return "high_noise" if value >= self.config.boundary_timestep else "low_noise"
 
     def predict_flow(
         self,
