@@ -11,6 +11,7 @@ from __future__ import annotations
 import diffusers  # noqa: E402  (dev extra; parity needs the reference)
 import pytest
 import torch
+from dit_forward import run_one_chunk
 
 from flashdreams.core.checkpoint import load_checkpoint, load_state_dict_into_module
 from flashdreams.recipes.wan.transformer import (
@@ -18,7 +19,6 @@ from flashdreams.recipes.wan.transformer import (
     WanDiTNetworkConfig,
     wan_diffusers_state_dict_transform,
 )
-from flashdreams.recipes.wan.transformer.impl.rope import WanRope
 
 ATOL = 1e-4
 
@@ -100,24 +100,6 @@ def _build_pair(case: str, tmp_path, *, fuse: bool):
     return reference, network, grid, num_text, num_image
 
 
-def _run_ours(network, latent, timestep, text, image):
-    """Full-sequence bidirectional forward: one chunk, no window, no sink."""
-    num_frames, _, height, width = latent.shape[1:]
-    tokens = network.patchify_and_maybe_split_cp(latent)
-    cache = network.initialize_cache(
-        chunk_size=tokens.shape[1],
-        window_size=0,
-        sink_size=0,
-        text_embeddings=text,
-        img_embeddings=image,
-    )
-    rope = WanRope(
-        head_dim=network.config.head_dim, num_height_tokens=height // 2, num_width_tokens=width // 2
-    )
-    out = network(tokens, timestep, cache, rope.chunk_freqs(0, num_frames))
-    return network.unpatchify_and_maybe_gather_cp(height // 2, width // 2, out)
-
-
 def _inputs(network, grid, num_text, num_image, batch=2):
     config = network.config
     generator = torch.Generator().manual_seed(1)
@@ -157,7 +139,7 @@ def test_full_sequence_forward_matches_diffusers(case, fuse, tmp_path):
     reference, network, grid, num_text, num_image = _build_pair(case, tmp_path, fuse=fuse)
     latent, text, image = _inputs(network, grid, num_text, num_image)
     timestep = torch.tensor([937.5, 12.25])
-    ours = _run_ours(network, latent, timestep, text, image)
+    ours = run_one_chunk(network, latent, timestep, text, image)
     ref = _run_reference(reference, latent, timestep, text, image)
     assert ours.shape == ref.shape
     max_abs, rel = _report(ours, ref)
@@ -175,10 +157,10 @@ def test_per_token_timesteps_match_diffusers(case, tmp_path):
     generator = torch.Generator().manual_seed(5)
     timestep = torch.rand(2, num_tokens, generator=generator) * 1000
     timestep[:, : num_tokens // frames] = 0.0  # first frame clean, as in TI2V
-    ours = _run_ours(network, latent, timestep, text, image)
+    ours = run_one_chunk(network, latent, timestep, text, image)
     ref = _run_reference(reference, latent, timestep, text, image)
     max_abs, rel = _report(ours, ref)
     assert max_abs <= ATOL and rel < 1e-5
     # per-token timesteps are really used: a scalar timestep gives a different output
-    scalar = _run_ours(network, latent, timestep[:, -1], text, image)
+    scalar = run_one_chunk(network, latent, timestep[:, -1], text, image)
     assert (scalar - ours).abs().max() > 1e-3
