@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 from collections.abc import Mapping
@@ -34,10 +35,64 @@ def resolve_local_checkpoint(path: str | Path, *, what: str = "checkpoint") -> P
     return local
 
 
-def _load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-    return load_file(str(path))
+
+def _load_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file straight into freshly allocated tensors.
+
+    Each tensor's bytes are read from the file into its own (allocator-aligned) storage:
+    one pass over the file, no intermediate buffer, so loading runs at the speed of
+    reading the file. (``safetensors.torch.load_file`` returns tensors at arbitrary byte
+    offsets, which makes some CPU GEMM kernels round differently from aligned copies.)
+    """
+    with open(path, "rb", buffering=0) as handle:
+        size_bytes = handle.read(8)
+        header_size = int.from_bytes(size_bytes, "little") if len(size_bytes) == 8 else -1
+        file_size = path.stat().st_size
+        if header_size < 2 or 8 + header_size > file_size:
+            raise ValueError(f"'{path}' is not a valid .safetensors file (bad header size)")
+        try:
+            header = json.loads(handle.read(header_size))
+        except ValueError as error:
+            raise ValueError(f"'{path}' is not a valid .safetensors file: {error}") from None
+        header.pop("__metadata__", None)
+        data_start = 8 + header_size
+        tensors: dict[str, torch.Tensor] = {}
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"'{path}': tensor '{name}' has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            if tensor.nbytes != end - begin or data_start + end > file_size:
+                raise ValueError(
+                    f"'{path}' is truncated or corrupt: tensor '{name}' needs bytes "
+                    f"{data_start + begin}-{data_start + end} of a {file_size}-byte file"
+                )
+            handle.seek(data_start + begin)
+            target = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            num_read = 0
+            while num_read < len(target):
+                chunk = handle.readinto(target[num_read:])
+                if not chunk:
+                    raise ValueError(f"'{path}' is truncated: tensor '{name}' is cut short")
+                num_read += chunk
+            tensors[name] = tensor
+    return tensors
 
 
 def _load_sharded_index(index_path: Path) -> dict[str, torch.Tensor]:
@@ -154,12 +209,18 @@ def load_state_dict_into_module(
     *,
     strict: bool = True,
     source: str = "checkpoint",
+    assign: bool | None = None,
 ) -> None:
     """Copy ``state_dict`` into ``module`` after checking keys and shapes.
 
     Shape mismatches always raise ``ValueError`` naming the key and both
     shapes. With ``strict`` (the default) missing or unexpected keys raise a
     ``KeyError`` listing them; otherwise they are ignored.
+
+    ``assign`` makes the checkpoint's tensors the module's parameters (keeping the
+    checkpoint's dtype) instead of copying into them: no second copy of the weights.
+    ``None`` (the default) assigns exactly when the module was built under
+    :func:`empty_init` (its parameters are on the meta device).
     """
     expected = module.state_dict()
     mismatched = [
@@ -178,4 +239,26 @@ def load_state_dict_into_module(
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
         raise KeyError(f"{source} does not match {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict(dict(state_dict), strict=False)
+    if assign is None:
+        assign = any(parameter.is_meta for parameter in module.parameters())
+    if assign:
+        # Remapped tensors can be views (transposes, slices): parameters own dense memory.
+        state_dict = {key: tensor.contiguous() for key, tensor in state_dict.items()}
+    module.load_state_dict(dict(state_dict), strict=False, assign=assign)
+    still_empty = [name for name, tensor in module.state_dict().items() if tensor.is_meta]
+    if still_empty:
+        raise KeyError(
+            f"{source} leaves parameters of {type(module).__name__} without values: "
+            f"{_listed(still_empty)}"
+        )
+
+
+def empty_init(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Build modules inside this context without allocating or initialising parameters.
+
+    Parameters land on the meta device; :func:`load_state_dict_into_module` then makes
+    the checkpoint's tensors the parameters. Use it only when every parameter comes from
+    a checkpoint (buffers computed in ``__init__`` would be meta too). ``enabled=False``
+    is a no-op, for the random-initialisation path.
+    """
+    return torch.device("meta") if enabled else contextlib.nullcontext()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from flashdreams.core.checkpoint import empty_init
 from flashdreams.core.distributed.mesh import (
     CFGParallelMesh,
     ContextParallelMesh,
@@ -263,7 +264,9 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
     ) -> None:
         super().__init__(config)
         self.config: Wan21TransformerConfig = config
-        self.network = WanDiTNetwork(config.network)
+        # With a checkpoint every weight comes from the file: no random initialisation.
+        with empty_init(config.checkpoint_path is not None):
+            self.network = WanDiTNetwork(config.network)
         # CFG-parallel layout (branch of this rank, partner group); None unless cfg_parallel.
         self.cfg_parallel_mesh: CFGParallelMesh | None = None
         if config.cfg_parallel:

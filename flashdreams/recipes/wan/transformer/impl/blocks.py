@@ -114,11 +114,11 @@ class WanSelfAttention(nn.Module):
             return
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        fused = nn.Linear(
-            weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype
-        )
-        fused.weight.copy_(weight)
-        fused.bias.copy_(bias)
+        # Built on the meta device and given the concatenated tensors: no initialisation
+        # of a weight that is overwritten at once, no third copy.
+        fused = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=self.q.weight.requires_grad)
+        fused.bias = nn.Parameter(bias, requires_grad=self.q.bias.requires_grad)
         del self.q, self.k, self.v
         self.qkv = fused
 
