@@ -21,6 +21,7 @@ import torch.nn as nn
 from loguru import logger
 
 from flashdreams.core.checkpoint import (
+    empty_init,
     load_checkpoint,
     load_state_dict_into_module,
     remap_checkpoint_keys,
@@ -442,16 +443,18 @@ class WanVAEEncoder(_WanVAEMixin, StreamingVideoEncoder[WanVAECache]):
             if config.checkpoint_path
             else None
         )
-        self.encoder = Encoder3d(
-            dim=config.base_dim,
-            z_dim=config.z_dim * 2,
-            dim_mult=tuple(config.dim_mult),
-            num_res_blocks=config.num_res_blocks,
-            temporal_downsample=tuple(config.temporal_downsample),
-            is_residual=config.is_residual,
-            in_channels=3 * config.patch_size**2,
-        )
-        self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
+        # With a checkpoint every weight comes from the file: no random initialisation.
+        with empty_init(self._checkpoint is not None):
+            self.encoder = Encoder3d(
+                dim=config.base_dim,
+                z_dim=config.z_dim * 2,
+                dim_mult=tuple(config.dim_mult),
+                num_res_blocks=config.num_res_blocks,
+                temporal_downsample=tuple(config.temporal_downsample),
+                is_residual=config.is_residual,
+                in_channels=3 * config.patch_size**2,
+            )
+            self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
         self._init_common()
 
     def initialize_autoregressive_cache(self, **context: Any) -> WanVAECache:
@@ -562,16 +565,18 @@ class WanVAEDecoder(_WanVAEMixin, StreamingVideoDecoder[WanVAECache]):
             if config.checkpoint_path
             else None
         )
-        self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
-        self.decoder = Decoder3d(
-            dim=config.decoder_base_dim or config.base_dim,
-            z_dim=config.z_dim,
-            dim_mult=tuple(config.dim_mult),
-            num_res_blocks=config.num_res_blocks,
-            temporal_upsample=tuple(config.temporal_downsample)[::-1],
-            is_residual=config.is_residual,
-            out_channels=3 * config.patch_size**2,
-        )
+        # With a checkpoint every weight comes from the file: no random initialisation.
+        with empty_init(self._checkpoint is not None):
+            self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
+            self.decoder = Decoder3d(
+                dim=config.decoder_base_dim or config.base_dim,
+                z_dim=config.z_dim,
+                dim_mult=tuple(config.dim_mult),
+                num_res_blocks=config.num_res_blocks,
+                temporal_upsample=tuple(config.temporal_downsample)[::-1],
+                is_residual=config.is_residual,
+                out_channels=3 * config.patch_size**2,
+            )
         self._init_common()
 
     def initialize_autoregressive_cache(self, **context: Any) -> WanVAECache:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from flashdreams.core.checkpoint import (
+    empty_init,
     load_checkpoint,
     load_state_dict_into_module,
     remap_checkpoint_keys,
@@ -279,7 +280,9 @@ def _build_model(config: UMT5TextEncoderConfig) -> Any:
         model_config = UMT5Config.from_json_file(str(config_file))
     else:
         model_config = _config_from_fields(config)
-    model = UMT5EncoderModel(model_config)
+    # Every weight comes from the file: build without random initialisation.
+    with empty_init():
+        model = UMT5EncoderModel(model_config)
     state_dict = load_checkpoint(local)
     if "token_embedding.weight" in state_dict:
         state_dict = wan_t5_state_dict_transform(state_dict)
