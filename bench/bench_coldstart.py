@@ -307,8 +307,12 @@ def main() -> None:
     for component, weight_bytes, read_s, setup_s, peak in rows:
         print(f"ratio {component}: {setup_s / read_s:.2f} (peak {peak / weight_bytes:.2f}x)")
     if args.record and not args.smoke:
-        record("Cold start: component setup vs reading the checkpoint", command_line(), text,
-               label=args.label)
+        record(
+            "Cold start: component setup vs reading the checkpoint",
+            command_line(),
+            text,
+            label=args.label,
+        )
 
 
 if __name__ == "__main__":
