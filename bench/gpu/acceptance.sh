@@ -106,7 +106,7 @@ EOF
 torchrun_smoke() {
   local backend="$1" output_dir="$LOG_DIR/torchrun-run"
   torchrun --standalone --nproc_per_node=1 --no-python flashdreams-run wan-tiny-t2v \
-    "parallel.backend=$backend" runner.num_chunks=2 "runner.output_dir=$output_dir" || return 1
+    "parallel.backend=$backend" runner.num_chunks=2 "runner.output_dir=$output_dir" || return $?
   "$PYTHON" - "$output_dir" <<'EOF'
 import json
 import sys
