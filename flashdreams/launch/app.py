@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +39,35 @@ def _hydra_job_number() -> int | None:
     return None
 
 
-def choose_run_dir(output_dir: str | None, slug: str, job_number: int | None) -> Path:
-    """Rank 0's choice: ``output_dir`` or a fresh ``outputs/<slug>/<time>[_job<n>]``."""
-    if output_dir is not None:
-        path = Path(output_dir)
-        return path / f"job{job_number}" if job_number is not None else path
-    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    name = stamp if job_number is None else f"{stamp}_job{job_number}"
-    base = Path("outputs") / slug / name
-    candidate, suffix = base, 1
-    while True:
+class FileLogSink:
+    """A loguru sink writing one run's log file; a failed write (a full disk) silences it.
+
+    Loguru would print a traceback for every record once the disk is full; the run's
+    own error already names the disk, so the log just stops.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.failed: OSError | None = None
+
+    def write(self, message: str) -> None:
+        if self._handle is None:
+            return
         try:
-            candidate.mkdir(parents=True, exist_ok=False)
-            return candidate
-        except FileExistsError:
-            candidate = base.with_name(f"{name}-{suffix}")
-            suffix += 1
+            self._handle.write(message)
+            self._handle.flush()
+        except OSError as error:
+            self.failed = error
+            self.close()
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass
 
 
 def configure_logging(rank: int, run_dir: Path | None) -> list[int]:
@@ -67,10 +80,20 @@ def configure_logging(rank: int, run_dir: Path | None) -> list[int]:
     sink_ids = [logger.add(sys.stderr, level="INFO" if rank == 0 else "WARNING", format=line)]
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        sink_ids.append(
-            logger.add(str(run_dir / f"log_rank{rank}.txt"), level="DEBUG", format=line)
-        )
+        file_sink = FileLogSink(run_dir / f"log_rank{rank}.txt")
+        sink_ids.append(logger.add(file_sink.write, level="DEBUG", format=line))
     return sink_ids
+
+
+def remove_log_sinks(sink_ids: list[int]) -> None:
+    """Remove the sinks that :func:`configure_logging` added (each at most once)."""
+    from loguru import logger
+
+    while sink_ids:
+        try:
+            logger.remove(sink_ids.pop())
+        except ValueError:
+            pass  # already removed
 
 
 class RunFailed(RuntimeError):
@@ -81,36 +104,15 @@ class RunFailed(RuntimeError):
         super().__init__(report.describe())
 
 
-def _remove_unfinished_run_dir(run_dir: Path, created_here: bool, auto_named: bool) -> None:
-    """Nothing was produced: leave no directory behind that could pass for a finished run.
-
-    A directory this run created is removed (with the empty ``outputs/<slug>/``
-    parents of an auto-named one); in a directory that existed before only
-    ``config.yaml`` / ``stats.json`` are removed.
-    """
-    import shutil
-
-    if created_here:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if auto_named:
-            for parent in list(run_dir.parents)[:2]:
-                try:
-                    parent.rmdir()  # only when empty
-                except OSError:
-                    break
-    else:
-        for name in ("config.yaml", "stats.json"):
-            (run_dir / name).unlink(missing_ok=True)
-
-
 def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, Any] | None:
     """Run one job from the composed, resolved config (plain data); returns rank 0's stats.
 
-    Failures: user errors propagate as they are; SIGTERM as ``RunInterrupted``; a
+    Failures: user errors propagate as they are; SIGTERM / SIGINT as ``RunInterrupted``; a
     failure of another rank as ``PeerRankFailed``; anything else as :class:`RunFailed`
     naming this rank and AR step. Every failing rank posts a notice that stops the
     other ranks (:class:`~flashdreams.runner.safety.RankFailureChannel`). When no
-    chunk was written yet, rank 0 removes the run directory it created.
+    chunk was written yet, rank 0 removes the files and directories this run created
+    (:mod:`flashdreams.launch.run_dir`), and nothing else.
     """
     from loguru import logger
 
@@ -120,7 +122,9 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
         shutdown_distributed,
     )
     from flashdreams.launch.run_config import build_run_config, run_config_to_container
-    from flashdreams.runner.runner import RunContext, validate_runner_config
+    from flashdreams.launch.run_dir import claim_run_dir
+    from flashdreams.launch.validate import validate_before_work
+    from flashdreams.runner.runner import RunContext
     from flashdreams.runner.safety import (
         FailureReport,
         PeerRankFailed,
@@ -130,24 +134,27 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
     )
 
     run_config = build_run_config(container)
-    validate_runner_config(run_config.runner)  # before any directory is created
+    validate_before_work(run_config)  # before any directory is created or weight loaded
     resolved = run_config_to_container(run_config)
     context = init_distributed(run_config.parallel.backend, run_config.parallel.init_timeout_s)
     sink_ids: list[int] = []
     channel = None
     runner = None
-    run_dir: Path | None = None
-    created_here = False
+    claimed = None
     with StopGuard() as guard:
         try:
             if context.world_size > 1:
                 channel = RankFailureChannel.from_environment(rank=context.rank, guard=guard)
                 channel.start()
+            run_dir = None
             if context.rank == 0:
-                output_dir = run_config.runner.output_dir
-                existed = output_dir is not None and Path(output_dir).exists()
-                run_dir = choose_run_dir(output_dir, run_config.pipeline.name, job_number)
-                created_here = not existed
+                claimed = claim_run_dir(
+                    run_config.runner.output_dir,
+                    run_config.pipeline.name,
+                    job_number,
+                    overwrite=run_config.runner.overwrite,
+                )
+                run_dir = claimed.path
             run_dir = Path(str(broadcast_from_rank0(str(run_dir), context)))
             sink_ids = configure_logging(context.rank, run_dir)
             device = str(context.device)
@@ -155,6 +162,11 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
                 f"pipeline '{run_config.pipeline.name}' on {context.world_size} rank(s), "
                 f"device {device}, run directory {run_dir}"
             )
+            if claimed is not None and claimed.removed_previous:
+                logger.warning(
+                    f"runner.overwrite=true: deleted the earlier run's "
+                    f"{', '.join(claimed.removed_previous)} in {run_dir}"
+                )
             runner = run_config.runner.setup(
                 pipeline_config=run_config.pipeline,
                 context=RunContext(
@@ -185,14 +197,13 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
                 channel.post(report)
             if sink_ids and not isinstance(error, (PeerRankFailed, RunInterrupted)):
                 logger.opt(exception=error).debug(f"rank {context.rank} failed")
-            nothing_written = getattr(progress, "num_chunks_written", 0) == 0
-            if context.rank == 0 and run_dir is not None and nothing_written:
-                for sink_id in sink_ids:
-                    logger.remove(sink_id)
-                sink_ids = []
-                _remove_unfinished_run_dir(
-                    run_dir, created_here, run_config.runner.output_dir is None
-                )
+            num_chunks_written = getattr(progress, "num_chunks_written", 0)
+            if isinstance(error, RunInterrupted):
+                error.num_chunks_written = num_chunks_written
+            nothing_written = num_chunks_written == 0
+            if claimed is not None and nothing_written:
+                remove_log_sinks(sink_ids)
+                claimed.remove_unfinished()
             if isinstance(error, (*USER_ERRORS, PeerRankFailed, RunInterrupted)) or not isinstance(
                 error, Exception
             ):
@@ -201,8 +212,9 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
         finally:
             if channel is not None:
                 channel.stop()
-            for sink_id in sink_ids:
-                logger.remove(sink_id)
+            remove_log_sinks(sink_ids)
+            if claimed is not None:
+                claimed.release()
 
 
 def _rank_prefix() -> str:
@@ -224,36 +236,34 @@ def hydra_task(cfg: Any) -> None:
     """Task function handed to ``hydra.main``; also what the submitit launcher pickles.
 
     Errors become one paragraph on stderr and an exit code: 2 for bad user input,
-    1 for run-time failures (a rank failed, non-finite output), 143 for SIGTERM.
-    ``FLASHDREAMS_TRACEBACK=1`` re-raises instead (Hydra prints the traceback).
+    1 for run-time failures (a rank failed, non-finite output, a full disk), 130 for
+    SIGINT and 143 for SIGTERM. ``FLASHDREAMS_TRACEBACK=1`` also prints the traceback
+    (the exit code stays the same).
     """
     from omegaconf import OmegaConf
 
-    from flashdreams.runner.safety import (
-        EXIT_INTERRUPTED,
-        EXIT_RUNTIME_ERROR,
-        PeerRankFailed,
-        RunInterrupted,
-    )
+    from flashdreams.runner.safety import EXIT_RUNTIME_ERROR, PeerRankFailed, RunInterrupted
 
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
         run(container, job_number=_hydra_job_number())
     except RunInterrupted as error:
-        print(
-            f"flashdreams-run: {_rank_prefix()}{error}; the chunks written so far are kept "
-            "and stats.json says status: interrupted",
-            file=sys.stderr,
+        kept = getattr(error, "num_chunks_written", 0)
+        outcome = (
+            f"{kept} chunk(s) kept in a playable video; stats.json says status: interrupted"
+            if kept
+            else "no chunk was written, so nothing was kept"
         )
-        sys.exit(EXIT_INTERRUPTED)
+        print(f"flashdreams-run: {_rank_prefix()}{error}; {outcome}", file=sys.stderr)
+        sys.exit(error.exit_code)
     except USER_ERRORS as error:
         if os.environ.get(TRACEBACK_ENV) == "1":
-            raise
+            traceback.print_exc()
         print(format_user_error(error, _rank_prefix()), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except (RunFailed, PeerRankFailed) as error:
         if os.environ.get(TRACEBACK_ENV) == "1":
-            raise
+            traceback.print_exc()
         hint = (
             ""
             if isinstance(error, PeerRankFailed)

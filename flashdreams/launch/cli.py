@@ -15,6 +15,7 @@ are checked against the dataclasses before anything is built. Heavy imports
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -95,23 +96,130 @@ def _is_override(arg: str) -> bool:
     return "=" in arg and not arg.startswith("-")
 
 
+SECTIONS = ("pipeline", "runner", "parallel", "hydra")
+"""Top-level keys an override may start with (``hydra`` for Hydra's own settings)."""
+
+VERBATIM_KEYS = ("runner.prompt", "runner.prompts_file", "runner.image", "runner.output_dir")
+"""Free-text values passed to the run exactly as the shell gave them (no Hydra grammar, no
+``${...}`` interpolation); so is every key whose last part ends in ``_path``."""
+
+SWEEP_FUNCTIONS = ("choice", "sort", "shuffle", "glob")
+"""Hydra sweep functions still understood in a verbatim value: ``runner.prompt='choice(a,b)'``."""
+
+FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path",
+                    "-cp", "--config-dir", "-cd", "--experimental-rerun")  # fmt: skip
+"""Hydra flags followed by a value (``--cfg job``)."""
+
+INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+"""Optional value of Hydra's ``--info`` flag."""
+
+
+def _override_key(arg: str) -> str:
+    """``++runner.prompt=x`` -> ``runner.prompt``."""
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def _is_verbatim_key(key: str) -> bool:
+    return key in VERBATIM_KEYS or (key.startswith(SECTIONS) and key.endswith("_path"))
+
+
+def quote_verbatim(value: str) -> str:
+    """``value`` as a quoted Hydra override value that composes back to exactly ``value``.
+
+    Inside single quotes Hydra reads ``\\'`` as a quote and needs backslashes doubled only
+    before a quote or at the end; OmegaConf reads ``\\${`` as a literal ``${``.
+    """
+
+    def escape(match: re.Match) -> str:
+        backslashes, tail = match.group(1), match.group(2)
+        replacement = {"'": "\\'", "${": "\\${", "": ""}[tail]
+        return backslashes * 2 + replacement
+
+    return "'" + re.sub(r"(\\*)('|\$\{|\Z)", escape, value) + "'"
+
+
+def _verbatim_override(arg: str) -> str:
+    """Quote the value of a free-text key, unless it is a list, ``null`` or a sweep function."""
+    key_part, value = arg.split("=", 1)
+    key = _override_key(arg)
+    if not _is_verbatim_key(key):
+        return arg
+    stripped = value.strip()
+    is_list = key == "runner.prompt" and stripped.startswith("[") and stripped.endswith("]")
+    is_sweep = re.fullmatch(rf"({'|'.join(SWEEP_FUNCTIONS)})\(.*\)", stripped, re.DOTALL)
+    if is_list or is_sweep or (value == "null" and key != "runner.prompt"):
+        return arg
+    return f"{key_part}={quote_verbatim(value)}"
+
+
 def _typed_override(arg: str) -> str:
     """``pipeline.x.y=v`` -> ``++pipeline.x.y=v`` so fields missing from the YAML can be set.
 
     The dataclass schema (not Hydra's struct mode) then validates the key.
     """
+    arg = _verbatim_override(arg)
     if arg.startswith(TYPED_SECTIONS):
         return "++" + arg
     return arg
+
+
+def _check_override_key(arg: str) -> None:
+    """A plain key must start with a known section (``runer.num_chunks`` is a typo)."""
+    key = _override_key(arg)
+    if "/" in key or "@" in key:
+        return  # a config-group choice such as hydra/launcher=slurm
+    section = key.split(".", 1)[0]
+    if section in SECTIONS:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(section, SECTIONS, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}{key[len(section) :]}'?" if close else ""
+    raise KeyError(
+        f"unknown config key '{key}': every key starts with one of {', '.join(SECTIONS)}.{hint}"
+    )
+
+
+def _split_slug_and_check(args: list[str]) -> tuple[str | None, list[str]]:
+    """Take the slug off the front; reject a word that is neither a flag nor KEY=VALUE."""
+    slug = None
+    if args and not args[0].startswith("-") and "=" not in args[0]:
+        slug, args = args[0], args[1:]
+    expects_value = False
+    for index, arg in enumerate(args):
+        if expects_value:
+            expects_value = False
+            continue
+        if arg.startswith("-"):
+            next_arg = args[index + 1] if index + 1 < len(args) else ""
+            expects_value = arg in FLAGS_WITH_VALUE or (
+                arg in ("--info", "-i") and next_arg in INFO_CHOICES
+            )
+            continue
+        if _is_override(arg):
+            _check_override_key(arg)
+            continue
+        from flashdreams.runner.registry import discover_runners
+
+        if arg in discover_runners():
+            raise ValueError(
+                f"the slug '{arg}' must come first: flashdreams-run {arg} "
+                f"{' '.join(a for a in args if a != arg)}".rstrip()
+            )
+        if "." in arg:
+            raise ValueError(f"'{arg}' is not KEY=VALUE: write {arg}=<value>")
+        raise ValueError(
+            f"unknown argument '{arg}': the slug goes first (flashdreams-run --list shows "
+            "them) and every other argument is KEY=VALUE"
+        )
+    return slug, args
 
 
 def build_hydra_args(args: list[str]) -> tuple[list[str], str | None]:
     """Translate flashdreams-run arguments into Hydra arguments; returns (args, slug)."""
     from flashdreams.runner.registry import get_runner_entry
 
-    slug = None
-    if args and not args[0].startswith("-") and "=" not in args[0]:
-        slug, args = args[0], args[1:]
+    slug, args = _split_slug_and_check(args)
     chosen_groups = {arg.split("=", 1)[0] for arg in args if _is_override(arg)}
     hydra_args = [_typed_override(arg) if _is_override(arg) else arg for arg in args]
     search_path = [
@@ -137,22 +245,67 @@ def build_hydra_args(args: list[str]) -> tuple[list[str], str | None]:
     return flags + overrides, slug
 
 
+def _wants_job_config(args: list[str]) -> bool:
+    """``--cfg job`` (or ``-c job``) outside a sweep: printed by us, after validation."""
+    if "-m" in args or "--multirun" in args:
+        return False
+    return any(flag in ("--cfg", "-c") and value == "job" for flag, value in zip(args, args[1:]))
+
+
+def _print_job_config(hydra_args: list[str]) -> int:
+    """Compose, build and validate the typed config, then print what ``config.yaml`` would hold."""
+    from flashdreams.launch.run_config import (
+        build_run_config,
+        run_config_to_container,
+        run_config_yaml,
+    )
+    from flashdreams.launch.validate import validate_before_work
+
+    container = _compose_overrides([a for a in hydra_args if _is_override(a)])
+    run_config = build_run_config(container)
+    validate_before_work(run_config, checkpoints=False, memory=False)
+    print(run_config_yaml(run_config_to_container(run_config)), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print("flashdreams-run: interrupted by SIGINT before the run started", file=sys.stderr)
+        return 128 + 2
+
+
+def _main(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print(HELP.format(default=DEFAULT_SLUG))
         return 0
     if "--list" in args:
         return _print_list()
-    from flashdreams.launch.app import EXIT_USER_ERROR, format_user_error
+    from flashdreams.launch.app import EXIT_USER_ERROR, USER_ERRORS, format_user_error
 
     try:
-        hydra_args, _slug = build_hydra_args(args)
         conf_dir = find_conf_dir()
-    except (KeyError, ValueError, FileNotFoundError) as error:
+        if "--hydra-help" in args:
+            return _run_hydra(conf_dir, ["--hydra-help"])
+        hydra_args, _slug = build_hydra_args(args)
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        OverridesParser.create().parse_overrides([a for a in hydra_args if _is_override(a)])
+        if _wants_job_config(args):
+            return _print_job_config(hydra_args)
+    except USER_ERRORS as error:
         print(format_user_error(error), file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as error:  # noqa: BLE001 - Hydra's composition errors, one line each
+        if type(error).__module__.split(".")[0] != "hydra":
+            raise
+        print(format_user_error(ValueError(str(error).strip().splitlines()[0])), file=sys.stderr)
+        return EXIT_USER_ERROR
+    return _run_hydra(conf_dir, hydra_args)
 
+
+def _run_hydra(conf_dir: Path, hydra_args: list[str]) -> int:
     import hydra
 
     from flashdreams.launch.app import hydra_task
@@ -169,22 +322,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _compose_overrides(overrides: list[str]) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(find_conf_dir())):
+        cfg = hydra_compose(config_name=CONFIG_NAME, overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def compose(slug: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Compose the config of ``flashdreams-run [slug] [overrides]`` as plain data, running nothing.
 
     ``flashdreams.launch.run_config.build_run_config`` turns the result into typed configs.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
     args = [slug, *overrides] if slug else list(overrides)
     hydra_args, _ = build_hydra_args(args)
-    with initialize_config_dir(version_base="1.3", config_dir=str(find_conf_dir())):
-        cfg = hydra_compose(
-            config_name=CONFIG_NAME, overrides=[a for a in hydra_args if _is_override(a)]
-        )
-    return OmegaConf.to_container(cfg, resolve=True)
+    return _compose_overrides([a for a in hydra_args if _is_override(a)])
 
 
 if __name__ == "__main__":

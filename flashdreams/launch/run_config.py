@@ -67,10 +67,16 @@ def run_config_to_container(run_config: RunConfig) -> dict[str, Any]:
 
 
 def run_config_yaml(container: dict[str, Any]) -> str:
-    """The plain-data config as YAML text."""
-    from omegaconf import OmegaConf
+    """The plain-data config as YAML text.
 
-    return OmegaConf.to_yaml(OmegaConf.create(container))
+    Plain YAML, not OmegaConf: a value such as a prompt holding ``${HOME}`` is saved as
+    the text it is, and :func:`load_run_config` reads it back unchanged.
+    """
+    import yaml
+
+    return yaml.safe_dump(
+        container, sort_keys=False, allow_unicode=True, width=float("inf"), default_flow_style=False
+    )
 
 
 def save_run_config(container: dict[str, Any], path: str | Path) -> None:
@@ -82,7 +88,8 @@ def save_run_config(container: dict[str, Any], path: str | Path) -> None:
 
 def load_run_config(path: str | Path) -> RunConfig:
     """Reload a saved ``config.yaml`` into an equal :class:`RunConfig`."""
-    from omegaconf import OmegaConf
+    import yaml
 
-    container = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
+    with open(path, encoding="utf-8") as handle:
+        container = yaml.safe_load(handle)
     return build_run_config(container)

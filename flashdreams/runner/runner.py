@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import resource
 import sys
 import time
@@ -59,7 +60,10 @@ class RunnerConfig(InstantiateConfig):
     seed: int = 0
     """Seeds torch's global RNG before the pipeline is built, identically on every rank."""
     output_dir: str | None = None
-    """Run directory; ``None`` means ``outputs/<slug>/<time>/`` under the working directory."""
+    """Run directory; ``None`` means ``outputs/<slug>/<time>/`` under the working directory.
+    A directory that already holds a run is refused unless ``overwrite`` is set."""
+    overwrite: bool = False
+    """Replace an earlier run's files in ``output_dir`` (only those files are deleted)."""
     fps: float = 16.0
     """Frame rate written into the mp4."""
     save_latents: bool = False
@@ -110,6 +114,8 @@ class RolloutProgress:
     """Last AR step of the current prompt that was written and finalized."""
     num_chunks_written: int = 0
     """Chunks appended to any video by this run (rank 0)."""
+    stop_latency_s: float | None = None
+    """Seconds from a stop signal to the safe point where the rollout stopped."""
 
 
 def _peak_host_memory_mib() -> float:
@@ -124,14 +130,30 @@ def validate_runner_config(config: RunnerConfig) -> None:
         raise ValueError(
             f"runner.height and runner.width must be positive, got {config.height}x{config.width}"
         )
-    if config.fps <= 0:
-        raise ValueError(f"runner.fps must be positive, got {config.fps}")
-    if config.prompts_file is not None and not Path(config.prompts_file).is_file():
-        raise FileNotFoundError(f"runner.prompts_file: no such file '{config.prompts_file}'")
+    if not math.isfinite(config.fps) or config.fps <= 0:
+        raise ValueError(f"runner.fps must be a positive number, got {config.fps}")
+    if not 0 <= config.seed < 2**63:
+        raise ValueError(f"runner.seed must be between 0 and 2**63 - 1, got {config.seed}")
+    if config.prompts_file is not None:
+        if not Path(config.prompts_file).is_file():
+            raise FileNotFoundError(f"runner.prompts_file: no such file '{config.prompts_file}'")
+        read_prompts_file(config.prompts_file)
     if config.image is not None:
         if not Path(config.image).is_file():
             raise FileNotFoundError(f"runner.image: no such file '{config.image}'")
         _check_image_readable(config.image)
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (a byte-order mark is dropped)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"runner.prompts_file: '{path}' is not UTF-8 text (byte {error.start}: "
+            f"{error.reason}); save it as UTF-8"
+        ) from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _check_image_readable(path: str) -> None:
@@ -140,6 +162,11 @@ def _check_image_readable(path: str) -> None:
     try:
         with Image.open(path) as image:
             image.load()
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"runner.image: '{path}' is too large to read safely ({error}); give an image "
+            "near the video size"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(
             f"runner.image: cannot read '{path}' as an image ({type(error).__name__}: "
@@ -171,8 +198,7 @@ class Runner:
     def prompts(self) -> list[str]:
         """Prompts to roll out, in order."""
         if self.config.prompts_file is not None:
-            lines = Path(self.config.prompts_file).read_text(encoding="utf-8").splitlines()
-            prompts = [line.strip() for line in lines if line.strip()]
+            prompts = read_prompts_file(self.config.prompts_file)
         elif isinstance(self.config.prompt, str):
             prompts = [self.config.prompt]
         else:
@@ -287,7 +313,6 @@ class Runner:
         prompts = self.prompts()
         if self.is_writer:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "stats.json").unlink(missing_ok=True)  # a stale success marker
             if context.resolved_config is not None:
                 from flashdreams.launch.run_config import run_config_yaml
 
@@ -317,6 +342,9 @@ class Runner:
 
                 worker = BackgroundChunkWorker(context.device)
         all_latents: dict[str, torch.Tensor] = {}
+        diffusion_model = getattr(pipeline, "diffusion_model", None)
+        if diffusion_model is not None and hasattr(diffusion_model, "before_denoising_step"):
+            diffusion_model.before_denoising_step = self._check_stop_between_steps
         try:
             for prompt_index, prompt in enumerate(prompts):
                 self.progress.prompt_index = prompt_index
@@ -324,9 +352,11 @@ class Runner:
                 name = "video.mp4" if len(prompts) == 1 else f"video_{prompt_index:03d}.mp4"
                 rollout: dict[str, Any] = {"prompt": prompt, "video": name, "chunks": []}
                 self.rollouts.append(rollout)
-                latents = self._rollout(
-                    pipeline, prompt, run_dir / name, latent_height, latent_width, rollout, worker
-                )
+                with self._deferred_stop():
+                    latents = self._rollout(
+                        pipeline, prompt, run_dir / name, latent_height, latent_width, rollout,
+                        worker,
+                    )  # fmt: skip
                 if latents is not None:
                     key = "latents" if len(prompts) == 1 else f"latents_{prompt_index:03d}"
                     all_latents[key] = latents
@@ -337,6 +367,8 @@ class Runner:
                 )
                 stats["status"] = "interrupted" if interrupted else "failed"
                 stats["error"] = f"{type(error).__name__}: {error}"
+                if self.progress.stop_latency_s is not None:
+                    stats["stop_latency_s"] = self.progress.stop_latency_s
                 self._finish_stats(stats, started)
                 self._write_stats(stats)
                 logger.warning(
@@ -366,9 +398,13 @@ class Runner:
                     str(run_dir / "latents.safetensors"),
                 )
             self._write_stats(stats)  # last: its presence with status "completed" marks success
+            steady = (
+                f"steady {stats['steady_fps']:.2f} FPS"
+                if stats["steady_fps"]
+                else "no steady FPS with one chunk"
+            )
             logger.info(
-                f"wrote {run_dir} (first chunk {stats['first_chunk_latency_s']:.2f} s, "
-                f"steady {stats['steady_fps'] or float('nan'):.2f} FPS)"
+                f"wrote {run_dir} (first chunk {stats['first_chunk_latency_s']:.2f} s, {steady})"
             )
         return stats
 
@@ -384,6 +420,42 @@ class Runner:
 
     def _write_stats(self, stats: dict[str, Any]) -> None:
         atomic_write_text(self.context.run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+
+    def _deferred_stop(self):
+        """During the rollout a stop signal is acted on at the next safe point (see
+        :meth:`_check_stop`), not wherever the main thread happens to be."""
+        from contextlib import nullcontext
+
+        guard = self.context.stop_guard
+        return guard.deferred() if guard is not None else nullcontext()
+
+    def _check_stop(self, where: str) -> None:
+        """Raise :class:`RunInterrupted` when a stop signal arrived on any rank.
+
+        Every rank calls this at the same points, so with several ranks they agree (one
+        small all-reduce) and all stop at the same place, none left inside a collective.
+        """
+        guard = self.context.stop_guard
+        if guard is None:
+            return
+        signal_number = guard.stop_signal or 0
+        if self.context.world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([signal_number], device=self.context.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signal_number = int(flag.item())
+        if signal_number:
+            if guard.received_at is not None:
+                self.progress.stop_latency_s = time.monotonic() - guard.received_at
+            raise RunInterrupted(signal_number, where)
+
+    def _check_stop_between_steps(self, autoregressive_index: int, step_index: int) -> None:
+        self._check_stop(
+            f"before denoising step {step_index} of AR step {autoregressive_index}; "
+            f"that chunk was dropped"
+        )
 
     def _critical(self):
         """Hold SIGTERM back while a chunk is appended (no half chunks in the video)."""
@@ -498,6 +570,7 @@ class Runner:
             )
             for index in range(config.num_chunks):
                 progress_state.autoregressive_index = index
+                self._check_stop(f"before AR step {index}")
                 progress_state.stage = "generate"
                 if worker is not None:
                     self._raise_worker_failure(worker)
@@ -547,6 +620,7 @@ class Runner:
                 t2 = time.perf_counter()
                 if index == 0 and not overlap:
                     rollout["first_chunk_latency_s"] = t2 - rollout_start
+                self._check_stop(f"after AR step {index} was written")
                 progress_state.stage = "finalize"
                 maybe_inject_fault(rank, index, "finalize")
                 profile_stats = pipeline.finalize(index, cache)

@@ -7,9 +7,10 @@ small and independent; the runner and the launcher wire them together:
 * :func:`atomic_write_text`: ``config.yaml`` / ``stats.json`` are written to a
   temporary name in the same directory and renamed, so a reader never sees a
   half-written file.
-* :class:`StopGuard`: a SIGTERM handler (what SLURM sends on preemption and at
-  the time limit) that turns the signal into :class:`RunInterrupted` in the
-  main thread, deferred while a chunk is being appended to the video.
+* :class:`StopGuard`: SIGTERM (what SLURM sends on preemption and at the time
+  limit) and SIGINT (Ctrl-C) handlers that turn the signal into
+  :class:`RunInterrupted`; during the rollout the request is acted on at the next
+  safe point (between chunks or denoising steps), never inside a chunk's append.
 * :func:`check_finite`: NaN/Inf in a chunk's latent raises
   :class:`NonFiniteOutputError` naming the AR step.
 * :class:`RankFailureChannel`: a failing rank posts ``rank r failed at AR step
@@ -36,7 +37,7 @@ from typing import Any
 EXIT_RUNTIME_ERROR = 1
 """Exit code of a run that failed at run time (a rank failed, non-finite output, ...)."""
 EXIT_INTERRUPTED = 128 + signal.SIGTERM
-"""Exit code of a run stopped by SIGTERM (the shell convention, 143)."""
+"""Exit code of a run stopped by SIGTERM (the shell convention, 143); SIGINT gives 130."""
 
 FAULT_INJECTION_ENV = "FLASHDREAMS_FAULT_INJECTION"
 """Test-only: ``rank=<r>,step=<k>,stage=<generate|write|finalize>[,kind=<error|nan|sigterm>]``."""
@@ -46,6 +47,19 @@ FAULT_KINDS = ("error", "nan", "sigterm")
 
 
 # ---- atomic files ------------------------------------------------------------------
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -59,6 +73,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
     )
     try:
+        os.fchmod(descriptor, 0o666 & ~_current_umask())  # as open() would create it
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -73,12 +88,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 class RunInterrupted(BaseException):
-    """SIGTERM arrived (preemption or time limit). A ``BaseException`` so no ``except
-    Exception`` on the way swallows it."""
+    """SIGTERM (preemption, time limit) or SIGINT (Ctrl-C) stopped the run. A
+    ``BaseException`` so no ``except Exception`` on the way swallows it."""
 
-    def __init__(self, signal_number: int = signal.SIGTERM) -> None:
+    def __init__(self, signal_number: int = signal.SIGTERM, where: str = "") -> None:
         self.signal_number = signal_number
-        super().__init__(f"interrupted by {signal.Signals(signal_number).name}")
+        self.where = where
+        """Where the rollout stopped, e.g. ``before denoising step 3 of AR step 1``."""
+        name = signal.Signals(signal_number).name
+        super().__init__(f"interrupted by {name}" + (f" {where}" if where else ""))
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention: 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signal_number
 
 
 class PeerRankFailed(RuntimeError):
@@ -93,38 +116,58 @@ class NonFiniteOutputError(RuntimeError):
     """A generated chunk holds NaN or Inf values."""
 
 
-class StopGuard:
-    """Turns SIGTERM, or a stop request from another thread, into an exception in the main thread.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""Signals that stop a run cleanly."""
 
-    Inside :meth:`critical` (appending a chunk to the video) the exception is
-    held back until the block ends, so the video never holds half a chunk.
-    Use as a context manager around the run; it restores the previous handler.
+
+class StopGuard:
+    """Turns SIGTERM / SIGINT, or a stop request from another thread, into an exception.
+
+    Outside :meth:`deferred` a signal raises :class:`RunInterrupted` in the main thread at
+    once. Inside it (the rollout) the first signal is only recorded: the rollout asks
+    :attr:`stop_signal` at safe points (between chunks and between denoising steps, where
+    every rank agrees on it) and stops there, so no chunk is cut in half and no rank is
+    left alone inside a collective. A second signal raises at once.
+
+    Inside :meth:`critical` (appending a chunk to the video) any exception is held back
+    until the block ends. Use as a context manager around the run; it restores the
+    previous handlers.
     """
 
     def __init__(self) -> None:
         self.received_signal: int | None = None
+        self.received_at: float | None = None
+        """``time.monotonic()`` when a deferred stop signal arrived."""
         self._pending: BaseException | None = None
         self._requested: BaseException | None = None
         self._critical_depth = 0
-        self._previous_handler: Any = None
-        self._installed = False
+        self._deferred_depth = 0
+        self._previous_handlers: dict[int, Any] = {}
 
     def __enter__(self) -> StopGuard:
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+            for signal_number in STOP_SIGNALS:
+                self._previous_handlers[signal_number] = signal.signal(signal_number, self._handle)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._installed = False
+        for signal_number, handler in self._previous_handlers.items():
+            signal.signal(signal_number, handler)
+        self._previous_handlers = {}
+
+    @property
+    def _installed(self) -> bool:
+        return bool(self._previous_handlers)
 
     def _handle(self, signal_number: int, _frame: Any) -> None:
         if self._requested is not None:
             error, self._requested = self._requested, None
+        elif self._deferred_depth > 0 and self.received_signal is None:
+            self.received_signal = signal_number  # acted on at the next safe point
+            self.received_at = time.monotonic()
+            return
         else:
-            self.received_signal = signal_number
+            self.received_signal = self.received_signal or signal_number
             error = RunInterrupted(signal_number)
         if self._critical_depth > 0:
             self._pending = self._pending or error
@@ -143,8 +186,22 @@ class StopGuard:
 
     @property
     def interrupted(self) -> bool:
-        """Whether a real SIGTERM arrived."""
+        """Whether a real SIGTERM / SIGINT arrived."""
         return self.received_signal is not None
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal that asked the run to stop, ``None`` while none did."""
+        return self.received_signal
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Record the first stop signal instead of raising (the rollout checks it itself)."""
+        self._deferred_depth += 1
+        try:
+            yield
+        finally:
+            self._deferred_depth -= 1
 
     @contextmanager
     def critical(self) -> Iterator[None]:

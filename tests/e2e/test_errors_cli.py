@@ -58,7 +58,11 @@ def _make_inputs(root: Path) -> dict[str, Path]:
         "evil": root / "evil.pth",
         "marker": root / "PWNED",
         "good_image": root / "first.png",
+        "latin1_prompts": root / "latin1.txt",
+        "a_file": root / "a_file",
     }
+    paths["latin1_prompts"].write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    paths["a_file"].write_text("not a directory")
     paths["corrupt_image"].write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
     Image.new("RGB", (32, 32), (200, 30, 30)).save(paths["good_image"])
     torch.manual_seed(0)
@@ -129,6 +133,43 @@ def _cases(paths: dict[str, Path]) -> dict[str, Case]:
             ["1 heads: Ulysses degree must be one of 1; got 2"],
             torchrun=True,
         ),
+        "key without a value": Case(
+            ["wan-tiny-t2v", "runner.num_chunks"],
+            ["'runner.num_chunks' is not KEY=VALUE: write runner.num_chunks=<value>"],
+        ),
+        "misspelt section": Case(
+            ["wan-tiny-t2v", "runer.num_chunks=3"],
+            ["unknown config key 'runer.num_chunks'", "Did you mean 'runner.num_chunks'?"],
+        ),
+        "slug after the overrides": Case(
+            ["runner.num_chunks=3", "wan-tiny-t2v"],
+            ["the slug 'wan-tiny-t2v' must come first: flashdreams-run wan-tiny-t2v"],
+        ),
+        "bad override grammar": Case(
+            ["wan-tiny-t2v", "runner.seed=[1"], ["no viable alternative at input '[1'"]
+        ),
+        "--cfg job with a bad key": Case(
+            ["wan-tiny-t2v", "runner.num_chunk=3", "--cfg", "job"],
+            ["unknown config key 'runner.num_chunk'"],
+        ),
+        "empty output_dir": Case(
+            ["wan-tiny-t2v", *SMALL, "runner.output_dir="], ["runner.output_dir is empty"]
+        ),
+        "output_dir is a file": Case(
+            ["wan-tiny-t2v", *SMALL, f"runner.output_dir={paths['a_file']}"],
+            [f"runner.output_dir: '{paths['a_file']}' exists and is not a directory"],
+        ),
+        "prompts file not UTF-8": Case(
+            ["wan-tiny-t2v", f"runner.prompts_file={paths['latin1_prompts']}"],
+            [f"runner.prompts_file: '{paths['latin1_prompts']}' is not UTF-8 text (byte 3"],
+        ),
+        "infinite fps": Case(
+            ["wan-tiny-t2v", "runner.fps=inf"], ["runner.fps must be a positive number, got inf"]
+        ),
+        "seed out of range": Case(
+            ["wan-tiny-t2v", "runner.seed=99999999999999999999"],
+            ["runner.seed must be between 0 and 2**63 - 1"],
+        ),
         "world size does not factor": Case(
             ["wan-tiny-t2v", *SMALL, f"{transformer}.cp_ulysses_degree=3"],
             ["world size 2: ulysses_degree must be one of 1, 2; got 3"],
@@ -175,6 +216,16 @@ CASE_NAMES = [
     "checkpoint with wrong shapes",
     "unsafe pickle checkpoint",
     "ulysses degree does not divide heads",
+    "key without a value",
+    "misspelt section",
+    "slug after the overrides",
+    "bad override grammar",
+    "--cfg job with a bad key",
+    "empty output_dir",
+    "output_dir is a file",
+    "prompts file not UTF-8",
+    "infinite fps",
+    "seed out of range",
     "world size does not factor",
 ]
 
@@ -225,5 +276,13 @@ def test_traceback_on_request(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2  # the same exit code as without the traceback
     assert "Traceback" in result.stderr and "runner.num_chunks must be >= 1" in result.stderr
+
+
+def test_hydra_help_prints_hydras_options(tmp_path):
+    result = subprocess.run(
+        [*cli_command(), "--hydra-help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "== Flags ==" in result.stdout

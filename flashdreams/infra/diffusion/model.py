@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
@@ -69,6 +70,9 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
         self.scheduler: Scheduler = config.scheduler.setup()
         self._rng: torch.Generator | None = None
         self._rng_device: torch.device | None = None
+        self.before_denoising_step: Callable[[int, int], None] | None = None
+        """Called as ``(autoregressive_index, step_index)`` before each transformer call of the
+        denoising loop; the runner checks stop requests there. ``None``: nothing is called."""
 
     @property
     def device(self) -> torch.device:
@@ -120,7 +124,13 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
             in_unpatchified_shape=self.config.noise_in_unpatchified_shape,
         )
 
+        num_steps_done = 0
+
         def predict_flow(noisy_latent: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            nonlocal num_steps_done
+            if self.before_denoising_step is not None:
+                self.before_denoising_step(autoregressive_index, num_steps_done)
+            num_steps_done += 1
             return transformer.predict_flow(noisy_latent, timestep, cache, patched_input)
 
         clean = self.scheduler.sample(
