@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distribu
 
 from _spawn import run_on_ranks  # noqa: E402
 
+from flashdreams.core.distributed.plan import build_parallel_plan
 from flashdreams.recipes.wan import Wan21TransformerConfig, WanDiTNetworkConfig  # noqa: E402
 
 NUM_FRAMES, LATENT_HEIGHT, LATENT_WIDTH = 3, 30, 52
@@ -37,7 +38,7 @@ TEXT_LEN, TEXT_DIM = 32, 64
 NUM_REPEATS = 5
 
 
-def _config(cfg_parallel: bool) -> Wan21TransformerConfig:
+def _config() -> Wan21TransformerConfig:
     return Wan21TransformerConfig(
         network=WanDiTNetworkConfig(
             dim=256,
@@ -54,7 +55,6 @@ def _config(cfg_parallel: bool) -> Wan21TransformerConfig:
         len_t=NUM_FRAMES,
         window_size_t=NUM_FRAMES,
         guidance_scale=3.0,
-        cfg_parallel=cfg_parallel,
         compile_network=False,
         use_cuda_graph=False,
     )
@@ -73,7 +73,8 @@ def _cache_bytes(network_cache) -> tuple[int, int]:
 
 def _time_step(cfg_parallel: bool) -> tuple[float, int, int]:
     torch.manual_seed(0)
-    transformer = _config(cfg_parallel).setup().eval()
+    plan = build_parallel_plan(cfg_parallel=cfg_parallel)
+    transformer = _config().setup(parallel=plan).eval()
     text = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=torch.Generator().manual_seed(1))
     negative = torch.randn(1, TEXT_LEN, TEXT_DIM, generator=torch.Generator().manual_seed(2))
     cache = transformer.initialize_autoregressive_cache(

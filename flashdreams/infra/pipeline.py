@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from loguru import logger
 
+from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.config import InstantiateConfig
 from flashdreams.infra.decoder import DecoderConfig, StreamingDecoder, StreamingDecoderCacheT
 from flashdreams.infra.diffusion.model import DiffusionModel, DiffusionModelConfig, FinalState
@@ -82,12 +83,14 @@ class StreamInferencePipeline(
     decoder: StreamingDecoder[StreamingDecoderCacheT] | None
     diffusion_model: DiffusionModel[TransformerCacheT]
 
-    def __init__(self, config: StreamInferencePipelineConfig) -> None:
+    def __init__(
+        self, config: StreamInferencePipelineConfig, parallel: ParallelPlan | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.encoder = config.encoder.setup() if config.encoder is not None else None
         self.decoder = config.decoder.setup() if config.decoder is not None else None
-        self.diffusion_model = config.diffusion_model.setup()
+        self.diffusion_model = config.diffusion_model.setup(parallel=parallel)
 
     @property
     def device(self) -> torch.device:

@@ -146,6 +146,7 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
             if context.world_size > 1:
                 channel = RankFailureChannel.from_environment(rank=context.rank, guard=guard)
                 channel.start()
+            plan = run_config.parallel.build_plan()  # validated once, groups created once
             run_dir = None
             if context.rank == 0:
                 claimed = claim_run_dir(
@@ -176,6 +177,7 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
                     device=device,
                     resolved_config=resolved,
                     stop_guard=guard,
+                    parallel=plan,
                 ),
             )
             stats = runner.run()

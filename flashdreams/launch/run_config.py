@@ -4,20 +4,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from flashdreams.infra.config import PrintableConfig
 from flashdreams.launch.config_tree import build_config, config_to_container
 
+if TYPE_CHECKING:
+    from flashdreams.core.distributed.plan import ParallelPlan
+
 
 @dataclass(kw_only=True)
 class ParallelConfig(PrintableConfig):
-    """Process-group settings. The context-parallel size is always the world size."""
+    """The run's one parallel plan: process-group settings and how the ranks are used.
+
+    The launcher validates it and builds the process groups once
+    (:func:`~flashdreams.core.distributed.plan.build_parallel_plan`), then hands
+    the plan down to the pipeline. The context-parallel size is the world size
+    (half of it with ``cfg_parallel``).
+    """
 
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """``auto`` picks NCCL when CUDA is available, else gloo."""
     init_timeout_s: int = 600
     """Timeout of process-group collectives at start-up, in seconds."""
+    ulysses_degree: int | None = None
+    """Ranks per Ulysses group inside a CP group. With ``ring_degree`` also unset, the
+    network's ``cp_method`` chooses (``ring``: 1, ``ulysses``: the whole CP group); a
+    divisor in between selects USP (Ulysses inside groups, ring across them). Must
+    divide the network's head count."""
+    ring_degree: int | None = None
+    """Ranks per ring group inside a CP group; derived from ``ulysses_degree`` when unset."""
+    cfg_parallel: bool = False
+    """Run the two CFG branches on the two halves of the ranks instead of batched on
+    every rank: the first half runs the conditional branch, the second half the
+    unconditional one, each half context-parallel over ``world_size / 2`` ranks. Each
+    rank runs and caches only its branch; after every forward the partner ranks ``r``
+    and ``r + world_size / 2`` exchange their predictions (one all-gather). Needs CFG
+    (``guidance_scale > 1``) and an even world size."""
+
+    def build_plan(self) -> ParallelPlan:
+        """The :class:`ParallelPlan` of this process (collective: every rank calls it)."""
+        from flashdreams.core.distributed.plan import build_parallel_plan
+
+        return build_parallel_plan(
+            ulysses_degree=self.ulysses_degree,
+            ring_degree=self.ring_degree,
+            cfg_parallel=self.cfg_parallel,
+        )
 
 
 @dataclass(kw_only=True)
@@ -29,7 +62,7 @@ class RunConfig:
     runner: Any
     """Runner config (a ``RunnerConfig`` subclass)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Process-group settings."""
+    """Process-group settings and the parallel plan."""
 
 
 SECTIONS = ("pipeline", "runner", "parallel")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.config import InstantiateConfig
 from flashdreams.runner.safety import (
     RunInterrupted,
@@ -97,6 +98,9 @@ class RunContext:
     stop_guard: StopGuard | None = None
     """SIGTERM / peer-failure handler of the process; the runner holds stop requests back
     while a chunk is appended to the video."""
+    parallel: ParallelPlan | None = None
+    """The run's parallel plan, handed to the pipeline; ``None``: the pipeline detects it
+    from the world size (the reference default)."""
 
 
 @dataclass
@@ -232,7 +236,7 @@ class Runner:
         if self.config.profile:
             pipeline_config = derive_config(pipeline_config, enable_sync_and_profile=True)
         torch.manual_seed(self.config.seed)
-        pipeline = pipeline_config.setup()
+        pipeline = pipeline_config.setup(parallel=self.context.parallel)
         return pipeline.to(self.context.device).eval()
 
     @staticmethod
@@ -329,7 +333,7 @@ class Runner:
             "status": "running",
             "pipeline": self.pipeline_config.name,
             "world_size": context.world_size,
-            "cp_layout": self._cp_layout(pipeline),
+            "cp_layout": self._cp_layout(),
             "device": str(context.device),
             "build_s": build_s,
         }
@@ -464,14 +468,11 @@ class Runner:
         guard = self.context.stop_guard
         return guard.critical() if guard is not None else nullcontext()
 
-    def _cp_layout(self, pipeline: Any) -> dict[str, Any]:
-        layout: dict[str, Any] = {"cp_size": self.context.world_size}
-        transformer = getattr(getattr(pipeline, "diffusion_model", None), "transformer", None)
-        for attribute in ("cp_size", "ulysses_size", "ring_size"):
-            value = getattr(transformer, attribute, None)
-            if isinstance(value, int):
-                layout[attribute] = value
-        return layout
+    def _cp_layout(self) -> dict[str, Any]:
+        """The parallel layout for ``stats.json``, from the plan the run was given."""
+        if self.context.parallel is None:
+            return {"world_size": self.context.world_size, "cp_size": self.context.world_size}
+        return self.context.parallel.describe()
 
     def _progress(self, total: int, prompt: str):
         if not self.is_writer or not sys.stderr.isatty():

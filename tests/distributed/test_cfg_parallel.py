@@ -2,7 +2,7 @@
 
 The parent process (no ``torch.distributed``) runs a tiny Wan T2V rollout
 with batched CFG (guidance 3, negative embeddings) once; spawned gloo worlds
-rerun it with ``cfg_parallel=True``:
+rerun it with a parallel plan built with ``cfg_parallel=True``:
 
 * world 2: one rank per branch (no context parallelism inside a half);
 * world 4: two halves of 2 ranks, ring and Ulysses inside each half.
@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from _spawn import run_on_ranks
 
-from flashdreams.core.distributed import ParallelDims, build_cp_mesh
+from flashdreams.core.distributed import CFGParallelMesh, ParallelDims, build_cp_mesh
+from flashdreams.core.distributed.plan import ParallelPlan, build_parallel_plan
 from flashdreams.infra.diffusion.model import DiffusionModelConfig
 from flashdreams.infra.diffusion.scheduler.fm import FlowMatchSchedulerConfig
 from flashdreams.recipes.wan.transformer import (
@@ -41,11 +42,9 @@ GUIDANCE_SCALE = 3.0
 
 def transformer_config(
     *,
-    cfg_parallel: bool,
     cp_method: str = "ring",
     num_heads: int = 4,
     dim: int = 64,
-    cp_ulysses_degree: int | None = None,
     guidance_scale: float = GUIDANCE_SCALE,
 ) -> Wan21TransformerConfig:
     return Wan21TransformerConfig(
@@ -59,8 +58,19 @@ def transformer_config(
         guidance_scale=guidance_scale,
         compile_network=False,
         use_cuda_graph=False,
-        cp_ulysses_degree=cp_ulysses_degree,
-        cfg_parallel=cfg_parallel,
+    )
+
+
+def cfg_plan(ulysses_degree: int | None = None) -> ParallelPlan:
+    """The spawned world's plan: one CFG branch per half (collective)."""
+    return build_parallel_plan(cfg_parallel=True, ulysses_degree=ulysses_degree)
+
+
+def fake_cfg_plan() -> ParallelPlan:
+    """A one-process stand-in for a 2-rank CFG-parallel plan (no groups: construction checks only)."""
+    local = build_cp_mesh(ParallelDims(1))
+    return ParallelPlan(
+        world_size=2, cfg=CFGParallelMesh(branch_index=0, pair_group=None, cp_mesh=local)
     )
 
 
@@ -69,7 +79,9 @@ def _randn(seed: int, *shape: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout(transformer: Wan21TransformerConfig) -> tuple[list[torch.Tensor | None], object]:
+def rollout(
+    transformer: Wan21TransformerConfig, parallel: ParallelPlan | None = None
+) -> tuple[list[torch.Tensor | None], object]:
     """Clean latents ``[1, 1, 16, H, W]`` of every chunk (``None`` off rank 0) and the cache."""
     torch.manual_seed(0)
     model = (
@@ -81,7 +93,7 @@ def rollout(transformer: Wan21TransformerConfig) -> tuple[list[torch.Tensor | No
             seed=1234,
             context_noise=100,
         )
-        .setup()
+        .setup(parallel=parallel)
         .eval()
     )
     cache = model.transformer.initialize_autoregressive_cache(
@@ -100,10 +112,10 @@ def rollout(transformer: Wan21TransformerConfig) -> tuple[list[torch.Tensor | No
 
 def cases_for(world_size: int) -> dict[str, Wan21TransformerConfig]:
     if world_size == 2:
-        return {"one-rank-per-branch": transformer_config(cfg_parallel=True)}
+        return {"one-rank-per-branch": transformer_config()}
     return {
-        "ring-2-per-branch": transformer_config(cfg_parallel=True, cp_method="ring"),
-        "ulysses-2-per-branch": transformer_config(cfg_parallel=True, cp_method="ulysses"),
+        "ring-2-per-branch": transformer_config(cp_method="ring"),
+        "ulysses-2-per-branch": transformer_config(cp_method="ulysses"),
     }
 
 
@@ -111,7 +123,7 @@ def check_world(rank: int, world_size: int, reference: dict) -> None:
     half_size = world_size // 2
     branch = rank // half_size
     for name, config in cases_for(world_size).items():
-        latents, cache = rollout(config)
+        latents, cache = rollout(config, cfg_plan())
         for index, latent in enumerate(latents):
             if rank != 0:
                 assert latent is None, f"{name}: rank {rank} got a latent for chunk {index}"
@@ -158,7 +170,7 @@ def check_cache(name: str, cache, branch: int, reference: dict) -> None:
 
 def check_groups(rank: int, world_size: int) -> None:
     """The mesh: halves as CP groups, partners ``r`` and ``r + N`` paired."""
-    transformer = transformer_config(cfg_parallel=True).setup()
+    transformer = transformer_config().setup(parallel=cfg_plan())
     mesh = transformer.cfg_parallel_mesh
     half_size = world_size // 2
     assert mesh.branch_index == rank // half_size
@@ -182,26 +194,25 @@ def bad_configs(world_size: int) -> None:
     if world_size != 4:
         return
     # 3 heads cannot be split over a Ulysses group of half the world (2 ranks).
-    three_heads = transformer_config(cfg_parallel=True, cp_method="ulysses", num_heads=3, dim=96)
+    three_heads = transformer_config(cp_method="ulysses", num_heads=3, dim=96)
     with pytest.raises(
         ValueError,
         match=r"^cfg_parallel=True: each CFG branch runs context parallel on 2 of the 4 ranks: "
         r"3 heads: Ulysses degree must be one of 1, 3; got 2 \(with world size 2 use one of 1\)$",
     ):
-        three_heads.setup()
-    too_wide = transformer_config(cfg_parallel=True, cp_ulysses_degree=4)
+        three_heads.setup(parallel=cfg_plan())
     with pytest.raises(
         ValueError,
         match=r"^cfg_parallel=True: each CFG branch runs context parallel on 2 of the 4 ranks: "
         r"world size 2: ulysses_degree must be one of 1, 2; got 4$",
     ):
-        too_wide.setup()
+        cfg_plan(ulysses_degree=4)
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
     assert not dist.is_initialized()
-    latents, cache = rollout(transformer_config(cfg_parallel=False))
+    latents, cache = rollout(transformer_config())
     cross_k = [
         (cache.network_cache.blocks[i].cross_k, cache.network_cache_uncond.blocks[i].cross_k)
         for i in range(len(cache.network_cache.blocks))
@@ -224,7 +235,7 @@ def test_cfg_parallel_without_cfg_is_rejected():
         match=r"^cfg_parallel=True splits the ranks between the two CFG branches, but "
         r"guidance_scale=1.0 disables CFG; set guidance_scale > 1 or cfg_parallel=False$",
     ):
-        transformer_config(cfg_parallel=True, guidance_scale=1.0)
+        Wan21Transformer(transformer_config(guidance_scale=1.0), fake_cfg_plan())
 
 
 def test_cfg_parallel_on_one_process_is_rejected():
@@ -234,23 +245,15 @@ def test_cfg_parallel_on_one_process_is_rejected():
         match=r"^cfg_parallel=True needs an even world size \(one half of the ranks per CFG "
         r"branch\); got world size 1$",
     ):
-        transformer_config(cfg_parallel=True).setup()
-
-
-def test_cfg_parallel_with_a_given_mesh_is_rejected():
-    with pytest.raises(
-        ValueError,
-        match=r"^cfg_parallel=True builds its own context-parallel mesh \(one per CFG branch\); "
-        r"do not pass context_parallel_mesh$",
-    ):
-        Wan21Transformer(transformer_config(cfg_parallel=True), build_cp_mesh(ParallelDims(1)))
+        build_parallel_plan(cfg_parallel=True)
 
 
 def test_cfg_parallel_with_wan22_is_rejected():
-    branch = transformer_config(cfg_parallel=True)
+    branch = transformer_config(guidance_scale=1.0)
+    config = Wan22TransformerConfig(transformer_high_noise=branch, transformer_low_noise=branch)
     with pytest.raises(
         ValueError,
         match=r"^Wan22Transformer does not support CFG, so neither cfg_parallel: "
-        r"transformer_high_noise.cfg_parallel must be False$",
+        r"set parallel.cfg_parallel=false$",
     ):
-        Wan22TransformerConfig(transformer_high_noise=branch, transformer_low_noise=branch)
+        config.setup(parallel=fake_cfg_plan())

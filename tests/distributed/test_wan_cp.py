@@ -2,8 +2,9 @@
 
 The parent process (no ``torch.distributed``) runs every case once and hands
 the clean latents to the spawned world; each rank builds the same seeded
-model, the transformer detects the world at construction and runs ring,
-Ulysses or USP attention, and rank 0 compares its gathered latents chunk by
+model, the transformer detects the world at construction (or, for USP, gets a
+parallel plan with the degrees) and runs ring, Ulysses or USP attention, and
+rank 0 compares its gathered latents chunk by
 chunk (max abs difference <= 1e-5, fp32). One spawn per world size runs all
 of its cases.
 
@@ -24,6 +25,8 @@ import torch
 import torch.distributed as dist
 from _spawn import run_on_ranks
 
+from flashdreams.core.distributed import ParallelDims, build_cp_mesh
+from flashdreams.core.distributed.plan import ParallelPlan, build_parallel_plan
 from flashdreams.infra.diffusion.model import DiffusionModelConfig
 from flashdreams.infra.diffusion.scheduler.fm import FlowMatchSchedulerConfig
 from flashdreams.recipes.wan.transformer import (
@@ -42,7 +45,7 @@ HEIGHT, WIDTH = 2, 10  # latent; patch (1, 2, 2) -> 1 x 5 = 5 tokens per frame
 class Case:
     name: str
     cp_method: str = "ring"
-    cp_ulysses_degree: int | None = None
+    ulysses_degree: int | None = None
     len_t: int = 1
     window_size_t: int = 2
     sink_size_t: int = 1
@@ -74,7 +77,6 @@ def transformer_config(case: Case, guidance_scale: float = 3.0) -> Wan21Transfor
         stamp_image_latent=not case.wan22,
         compile_network=False,
         use_cuda_graph=False,
-        cp_ulysses_degree=case.cp_ulysses_degree,
     )
 
 
@@ -107,11 +109,18 @@ def first_frame_ctrl(case: Case) -> I2VCtrl:
     return I2VCtrl(latent=_randn(7, 1, case.len_t, 16, HEIGHT, WIDTH) * mask, mask=mask)
 
 
+def case_plan(case: Case) -> ParallelPlan | None:
+    """The plan of a case on the spawned world; ``None`` (detect) for the reference run."""
+    if not dist.is_initialized() or case.ulysses_degree is None:
+        return None
+    return build_parallel_plan(ulysses_degree=case.ulysses_degree)
+
+
 @torch.no_grad()
-def rollout(case: Case) -> list[torch.Tensor | None]:
+def rollout(case: Case, parallel: ParallelPlan | None = None) -> list[torch.Tensor | None]:
     """Clean latents ``[1, len_t, 16, H, W]`` of every chunk (``None`` off CP rank 0)."""
     torch.manual_seed(0)
-    model = model_config(case).setup().eval()
+    model = model_config(case).setup(parallel=parallel or case_plan(case)).eval()
     context = dict(height=HEIGHT, width=WIDTH, text_embeddings=_randn(1, 1, 6, 32))
     if not case.wan22:
         context["negative_text_embeddings"] = _randn(2, 1, 4, 32)
@@ -139,8 +148,8 @@ def cases_for(world_size: int) -> list[Case]:
         ]
     if world_size == 4:
         cases += [
-            Case("usp-2x2", cp_ulysses_degree=2),
-            Case("usp-2x2-partial-window", cp_ulysses_degree=2, len_t=2, window_size_t=3),
+            Case("usp-2x2", ulysses_degree=2),
+            Case("usp-2x2-partial-window", ulysses_degree=2, len_t=2, window_size_t=3),
         ]
     return cases
 
@@ -156,7 +165,25 @@ def check_world(rank: int, world_size: int, cases: list[Case], references: dict)
             assert latent.shape == want.shape, (case.name, index, latent.shape, want.shape)
             err = (latent - want).abs().max().item()
             assert err <= TOL, f"{case.name} N={world_size} chunk {index}: max abs {err:.3e}"
+    explicit_mesh_equals_detection(rank, world_size)
     extra_checks(rank, world_size)
+
+
+def explicit_mesh_equals_detection(rank: int, world_size: int) -> None:
+    """A transformer given an explicit mesh (built here, handed down in a plan) computes
+    exactly what the one that detected the world computes."""
+    case = Case("explicit-mesh", cp_method="ulysses" if world_size != 3 else "ring")
+    ulysses_degree = world_size if case.cp_method == "ulysses" else 1
+    mesh = build_cp_mesh(ParallelDims(world_size, ulysses_degree=ulysses_degree))
+    plan = ParallelPlan.from_mesh(mesh)
+    assert transformer_config(case).setup(parallel=plan).cp_mesh is mesh
+    explicit = rollout(case, plan)
+    detected = rollout(case)
+    for index, (got, want) in enumerate(zip(explicit, detected, strict=True)):
+        if rank != 0:
+            assert got is None and want is None
+            continue
+        assert torch.equal(got, want), f"explicit mesh N={world_size} chunk {index} differs"
 
 
 def extra_checks(rank: int, world_size: int) -> None:

@@ -528,8 +528,8 @@ def test_graphs_are_recaptured_for_each_rollout_cache():
     graphed = _transformer(len_t=1, window_size_t=3)
     eager = _transformer(len_t=1, window_size_t=3)
     eager.load_state_dict(graphed.state_dict())
-    graphed._acceleration_resolved = True
-    graphed._graph = _ReplayingGraph(graphed._graph_call)
+    graphed.executor._resolved = True
+    graph = graphed.executor.graph = _ReplayingGraph(graphed.executor._graph_call)
     assert graphed.cuda_graph_capture_ar_idx == 3
     for rollout in range(2):
         caches = [
@@ -543,7 +543,7 @@ def test_graphs_are_recaptured_for_each_rollout_cache():
             x = torch.randn(eager.latent_shape, generator=generator)
             flows = _chunk_on_each((graphed, eager), caches, x, index)
             torch.testing.assert_close(flows[0], flows[1], rtol=0, atol=1e-6)
-        assert graphed._graph.num_resets == rollout + 1
-        assert set(graphed._graph._graphs) == {(False, (1, 4, 64), (1,)), (True, (1, 4, 64), (1,))}
+        assert graph.num_resets == rollout + 1
+        assert set(graph._graphs) == {(False, (1, 4, 64), (1,)), (True, (1, 4, 64), (1,))}
         del caches
         gc.collect()

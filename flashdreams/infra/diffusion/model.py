@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from typing_extensions import TypeVar
 
+from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.config import InstantiateConfig
 from flashdreams.infra.diffusion.scheduler.base import Scheduler, SchedulerConfig
 from flashdreams.infra.diffusion.transformer import (
@@ -63,10 +64,14 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
 
     FinalState = FinalState
 
-    def __init__(self, config: DiffusionModelConfig) -> None:
+    def __init__(self, config: DiffusionModelConfig, parallel: ParallelPlan | None = None) -> None:
         super().__init__()
         self.config = config
-        self.transformer: Transformer[TransformerCacheT] = config.transformer.setup()
+        # The run's parallel plan goes to the transformer; None lets it detect the world.
+        transformer_kwargs = {} if parallel is None else {"parallel": parallel}
+        self.transformer: Transformer[TransformerCacheT] = config.transformer.setup(
+            **transformer_kwargs
+        )
         self.scheduler: Scheduler = config.scheduler.setup()
         self._rng: torch.Generator | None = None
         self._rng_device: torch.device | None = None

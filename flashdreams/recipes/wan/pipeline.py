@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.pipeline import (
     StreamInferencePipeline,
     StreamInferencePipelineCache,
@@ -52,8 +53,10 @@ class WanInferencePipeline(StreamInferencePipeline):
         pipeline.finalize(0, cache)
     """
 
-    def __init__(self, config: WanInferencePipelineConfig) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: WanInferencePipelineConfig, parallel: ParallelPlan | None = None
+    ) -> None:
+        super().__init__(config, parallel)
         self.config: WanInferencePipelineConfig = config
         self.text_encoder = None
         self.image_encoder = None

@@ -57,7 +57,7 @@ class _Identity(nn.Module):
 
 
 class FakePipeline(nn.Module):
-    def __init__(self, config: FakePipelineConfig) -> None:
+    def __init__(self, config: FakePipelineConfig, parallel: Any = None) -> None:
         super().__init__()
         self.config = config
         self.to_rgb = nn.Linear(config.latent_channels, 3)

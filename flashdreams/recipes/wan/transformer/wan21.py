@@ -10,29 +10,21 @@ Shape legend::
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from loguru import logger
 
 from flashdreams.core.checkpoint import empty_init
-from flashdreams.core.distributed.mesh import (
-    CFGParallelMesh,
-    ContextParallelMesh,
-    build_cfg_parallel_mesh,
-    build_cp_mesh,
-)
-from flashdreams.core.distributed.parallel_dims import ParallelDims
-from flashdreams.core.distributed.sharding import slots_per_rank, split_tokens
+from flashdreams.core.distributed.mesh import CFGParallelMesh, ContextParallelMesh
+from flashdreams.core.distributed.plan import ParallelPlan, build_parallel_plan
 from flashdreams.infra.diffusion.transformer import (
     Transformer,
     TransformerAutoregressiveCache,
     TransformerConfig,
 )
-from flashdreams.recipes.wan.transformer.cuda_graph import CUDAGraphWrapper
+from flashdreams.recipes.wan.transformer.acceleration import AccelerationPolicy, NetworkExecutor
 from flashdreams.recipes.wan.transformer.i2v import (
     I2VCtrl,
     conditioned_tokens,
@@ -44,6 +36,7 @@ from flashdreams.recipes.wan.transformer.impl.network import (
     WanDiTNetworkConfig,
 )
 from flashdreams.recipes.wan.transformer.impl.rope import WanRope
+from flashdreams.recipes.wan.transformer.parallelize import WanTokenParallel
 
 
 @dataclass(kw_only=True)
@@ -129,7 +122,8 @@ class Wan21TransformerConfig(TransformerConfig):
     use_cuda_graph: bool = True
     """Replay the network from CUDA graphs once the KV cache is in steady state
     (:class:`~flashdreams.recipes.wan.transformer.cuda_graph.CUDAGraphWrapper`);
-    skipped (logged once) on CPU. Earlier AR steps run through ``wrapper.drain``."""
+    skipped (logged once) on CPU and under context parallelism. Earlier AR steps run
+    eagerly through ``CUDAGraphWrapper.drain`` (:mod:`~flashdreams.recipes.wan.transformer.acceleration`)."""
     cuda_graph_warmup_iters: int = 2
     """Eager calls per graph key before capture."""
     stamp_image_latent: bool = False
@@ -143,20 +137,6 @@ class Wan21TransformerConfig(TransformerConfig):
     as the timestep of the masked (first-frame) tokens and the scheduler's elsewhere."""
     first_frame_timestep_value: float = 0.0
     """Per-token timestep of first-frame tokens when ``ti2v_first_frame_per_token_timestep``."""
-    cp_ulysses_degree: int | None = None
-    """Context parallelism only (world size > 1): ranks per Ulysses group. ``None`` follows
-    ``network.cp_method`` (``"ring"``: 1, ``"ulysses"``: the world size); a divisor of the
-    world size between them selects USP (Ulysses inside groups, ring across them). Must
-    divide ``network.num_heads``. With ``cfg_parallel`` all of this applies to half the
-    world size."""
-    cfg_parallel: bool = False
-    """Run the two CFG branches on the two halves of the ranks instead of batched on
-    every rank: the first half runs the conditional branch, the second half the
-    unconditional one, each half context-parallel over ``world_size / 2`` ranks. Each
-    rank runs and caches only its branch (batch ``B`` instead of ``2B``, text K/V of
-    one prompt); after every forward the partner ranks ``r`` and ``r + world_size / 2``
-    exchange their predictions (one all-gather) and both apply the guidance. Needs CFG
-    (``guidance_scale > 1``) and an even world size."""
 
     def __post_init__(self) -> None:
         self.batch_shape = tuple(self.batch_shape)
@@ -173,117 +153,51 @@ class Wan21TransformerConfig(TransformerConfig):
             raise ValueError(
                 f"guidance_scale must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}"
             )
-        if self.cfg_parallel and self.guidance_scale == 1.0:
-            raise ValueError(
-                "cfg_parallel=True splits the ranks between the two CFG branches, but "
-                "guidance_scale=1.0 disables CFG; set guidance_scale > 1 or cfg_parallel=False"
-            )
-        if self.cp_ulysses_degree is not None and self.cp_ulysses_degree < 1:
-            raise ValueError(
-                f"cp_ulysses_degree must be a positive integer or None, got {self.cp_ulysses_degree}"
-            )
         if self.cuda_graph_warmup_iters < 0:
             raise ValueError(
                 f"cuda_graph_warmup_iters must be >= 0, got {self.cuda_graph_warmup_iters}"
             )
 
 
-def detect_context_parallel_mesh(config: Wan21TransformerConfig) -> ContextParallelMesh | None:
-    """The CP mesh for this process: ``None`` unless ``torch.distributed`` runs > 1 rank.
-
-    The CP size is the world size; ``config.cp_ulysses_degree`` (or
-    ``network.cp_method``) splits it into Ulysses x ring. Collective: every
-    rank must call it, once, in the same order.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    world_size = dist.get_world_size()
-    if world_size == 1:
-        return None
-    return build_cp_mesh(_cp_dims(config, world_size))
-
-
-def detect_cfg_parallel_mesh(config: Wan21TransformerConfig) -> CFGParallelMesh:
-    """The CFG-parallel layout for ``config.cfg_parallel``: one CP mesh per half of the world.
-
-    Raises ``ValueError`` unless ``torch.distributed`` runs an even number of
-    ranks and the CP degrees fit half of them. Collective, like
-    :func:`detect_context_parallel_mesh`.
-    """
-    import torch.distributed as dist
-
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world_size % 2 != 0:
-        raise ValueError(
-            "cfg_parallel=True needs an even world size (one half of the ranks per CFG "
-            f"branch); got world size {world_size}"
-        )
-    half_size = world_size // 2
-    try:
-        half_dims = _cp_dims(config, half_size)
-    except ValueError as error:
-        raise ValueError(
-            f"cfg_parallel=True: each CFG branch runs context parallel on {half_size} of the "
-            f"{world_size} ranks: {error}"
-        ) from None
-    return build_cfg_parallel_mesh(half_dims)
-
-
-def _cp_dims(config: Wan21TransformerConfig, cp_degree: int) -> ParallelDims:
-    """Ulysses x ring degrees of a CP group of ``cp_degree`` ranks, validated."""
-    ulysses_degree = config.cp_ulysses_degree
-    if ulysses_degree is None:
-        ulysses_degree = cp_degree if config.network.cp_method == "ulysses" else 1
-    return ParallelDims(
-        cp_degree, ulysses_degree=ulysses_degree, num_heads=config.network.num_heads
-    )
-
-
 class Wan21Transformer(Transformer[Wan21TransformerCache]):
     """Wan 2.1 DiT adapted to the infra :class:`Transformer` interface.
 
-    Under ``torch.distributed`` with more than one rank the transformer runs
-    context-parallel: the mesh is built here, once (or passed in by a parent
-    such as :class:`~flashdreams.recipes.wan.transformer.wan22.Wan22Transformer`
-    to share it), :attr:`latent_shape` is this rank's shard, and every noise
-    draw produces the global tensor and keeps the rank's shard, so a CP run
-    reproduces the single-process run with the same seed.
+    Parallelism comes from outside, as a
+    :class:`~flashdreams.core.distributed.plan.ParallelPlan` (built once by the
+    launcher, or by a parent such as
+    :class:`~flashdreams.recipes.wan.transformer.wan22.Wan22Transformer` to
+    share it). Without one, the plan is detected from the world size
+    (:func:`~flashdreams.core.distributed.plan.build_parallel_plan` with its
+    defaults, a collective). Under context parallelism :attr:`latent_shape` is
+    this rank's shard, and every noise draw produces the global tensor and keeps
+    the rank's shard (:mod:`~flashdreams.recipes.wan.transformer.parallelize`),
+    so a CP run reproduces the single-process run with the same seed.
 
-    With ``config.cfg_parallel`` the world is split in two halves, one per CFG
-    branch (see :class:`~flashdreams.core.distributed.mesh.CFGParallelMesh`);
+    With the plan's ``cfg_parallel`` the world is split in two halves, one per
+    CFG branch (see :class:`~flashdreams.core.distributed.mesh.CFGParallelMesh`);
     everything above holds inside each half, and both halves draw the same
     noise and apply the same guided flow, so their latents stay identical.
     """
 
     def __init__(
-        self,
-        config: Wan21TransformerConfig,
-        context_parallel_mesh: ContextParallelMesh | None = None,
+        self, config: Wan21TransformerConfig, parallel: ParallelPlan | None = None
     ) -> None:
         super().__init__(config)
         self.config: Wan21TransformerConfig = config
+        if parallel is None:
+            parallel = build_parallel_plan()
+        if parallel.cfg is not None and config.guidance_scale == 1.0:
+            raise ValueError(
+                "cfg_parallel=True splits the ranks between the two CFG branches, but "
+                "guidance_scale=1.0 disables CFG; set guidance_scale > 1 or cfg_parallel=False"
+            )
+        self.parallel = WanTokenParallel(
+            parallel, cp_method=config.network.cp_method, num_heads=config.network.num_heads
+        )
         # With a checkpoint every weight comes from the file: no random initialisation.
         with empty_init(config.checkpoint_path is not None):
             self.network = WanDiTNetwork(config.network)
-        # CFG-parallel layout (branch of this rank, partner group); None unless cfg_parallel.
-        self.cfg_parallel_mesh: CFGParallelMesh | None = None
-        if config.cfg_parallel:
-            if context_parallel_mesh is not None:
-                raise ValueError(
-                    "cfg_parallel=True builds its own context-parallel mesh (one per CFG "
-                    "branch); do not pass context_parallel_mesh"
-                )
-            self.cfg_parallel_mesh = detect_cfg_parallel_mesh(config)
-            context_parallel_mesh = self.cfg_parallel_mesh.cp_mesh
-        elif context_parallel_mesh is None:
-            context_parallel_mesh = detect_context_parallel_mesh(config)
-        if context_parallel_mesh is not None and context_parallel_mesh.cp_degree == 1:
-            context_parallel_mesh = None
-        # Context-parallel mesh; None on a single rank.
-        self.cp_mesh: ContextParallelMesh | None = context_parallel_mesh
-        self.network.set_context_parallel_group(context_parallel_mesh)
+        self.network.set_context_parallel_group(self.parallel.mesh)
         if config.checkpoint_path is not None:
             self.load_checkpoint(config.checkpoint_path)
         self.network.update_parameters_after_loading_checkpoint()
@@ -291,11 +205,27 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         self.network.keep_modulation_in_fp32()
         self._height: int | None = None
         self._width: int | None = None
-        self._acceleration_resolved = False
-        self._graph: CUDAGraphWrapper | None = None
-        # The network cache the captured graphs point into (weak: a finished rollout's
-        # cache may be freed; an id() could then be reused by the next rollout's).
-        self._graph_cache_ref: weakref.ref[WanDiTNetworkCache] | None = None
+        self.executor = NetworkExecutor(
+            self.network,
+            AccelerationPolicy(
+                compile_network=config.compile_network,
+                compile_network_on_cpu=config.compile_network_on_cpu,
+                use_cuda_graph=config.use_cuda_graph,
+                cuda_graph_warmup_iters=config.cuda_graph_warmup_iters,
+                capture_from_chunk=self.cuda_graph_capture_ar_idx,
+            ),
+            context_parallel=self.parallel.mesh is not None,
+        )
+
+    @property
+    def cp_mesh(self) -> ContextParallelMesh | None:
+        """Context-parallel mesh of this transformer; ``None``: no context parallelism."""
+        return self.parallel.mesh
+
+    @property
+    def cfg_parallel_mesh(self) -> CFGParallelMesh | None:
+        """CFG-parallel layout (branch of this rank, partner group); ``None`` unless cfg_parallel."""
+        return self.parallel.plan.cfg
 
     # ------------------------------------------------------------ checkpoint
     def load_checkpoint(self, path: str) -> None:
@@ -317,6 +247,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         return math.prod(self.config.network.patch_size)
 
     def _grid(self) -> tuple[int, int]:
+        """Token-grid ``(height, width)`` of this rollout: latent size / spatial patch size."""
         assert self._height is not None and self._width is not None, (
             "height/width are set by initialize_autoregressive_cache()"
         )
@@ -332,40 +263,27 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
     @property
     def num_local_tokens(self) -> int:
         """Token slots of this rank per chunk: ``ceil(L / N)`` under CP (padding included), else ``L``."""
-        if self.cp_mesh is None:
-            return self.num_tokens
-        return slots_per_rank(self.num_tokens, self.cp_mesh.cp_degree)
+        return self.parallel.num_local_tokens(self.num_tokens)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """``(*batch_shape, L_rank, D)`` with ``D = out_dim * prod(patch_size)``; ``L_rank`` is
         :attr:`num_local_tokens` (``L`` on a single rank)."""
-        return (
-            *self.config.batch_shape,
-            self.num_local_tokens,
-            self.config.network.out_dim * self.patch_volume,
-        )
+        return (*self.config.batch_shape, self.num_local_tokens, self._token_width)
 
     @property
-    def _cp_groups(self) -> list[Any] | None:
-        return None if self.cp_mesh is None else [self.cp_mesh.cp_group]
-
-    def _split_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """This rank's slots of a global token tensor ``[..., L, ...]`` (token dim -2)."""
-        if self.cp_mesh is None:
-            return tokens
-        return split_tokens(tokens, -2, self.cp_mesh.rank, self.cp_mesh.cp_degree)
+    def _token_width(self) -> int:
+        return self.config.network.out_dim * self.patch_volume
 
     def patchify_and_maybe_split_cp(self, x: Any) -> Any:
         """Patchify a ``[*batch, T, C, H, W]`` latent, or each field of an :class:`I2VCtrl`,
         and keep this rank's token slots under CP."""
-        groups = self._cp_groups
         if isinstance(x, I2VCtrl):
             return I2VCtrl(
-                latent=self.network.patchify_and_maybe_split_cp(x.latent, groups),
-                mask=self.network.patchify_and_maybe_split_cp(x.mask, groups),
+                latent=self.patchify_and_maybe_split_cp(x.latent),
+                mask=self.patchify_and_maybe_split_cp(x.mask),
             )
-        return self.network.patchify_and_maybe_split_cp(x, groups)
+        return self.parallel.split(self.network.patchify_and_maybe_split_cp(x))
 
     def unpatchify_and_maybe_gather_cp(self, x: torch.Tensor) -> torch.Tensor | None:
         """Gather the clean latent on CP rank 0 (padding dropped) and unpatchify it.
@@ -374,12 +292,11 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         With ``cfg_parallel`` the unconditional half holds the same latent as the
         conditional one: it skips the gather and returns ``None``.
         """
-        if self.cfg_parallel_mesh is not None and self.cfg_parallel_mesh.branch_index != 0:
+        tokens = self.parallel.gather(x, self.num_tokens)
+        if tokens is None:
             return None
         grid_h, grid_w = self._grid()
-        return self.network.unpatchify_and_maybe_gather_cp(
-            grid_h, grid_w, x, self._cp_groups, num_tokens=self.num_tokens
-        )
+        return self.network.unpatchify_and_maybe_gather_cp(grid_h, grid_w, tokens)
 
     def sample_noise(
         self,
@@ -396,13 +313,8 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         those of the single-process draw.
         """
         if not in_unpatchified_shape:
-            global_shape = (
-                *self.config.batch_shape,
-                self.num_tokens,
-                self.config.network.out_dim * self.patch_volume,
-            )
-            noise = torch.randn(global_shape, generator=rng, device=device, dtype=dtype)
-            return self._split_tokens(noise)
+            global_shape = (*self.config.batch_shape, self.num_tokens, self._token_width)
+            return self.parallel.randn_tokens(global_shape, rng, device=device, dtype=dtype)
         assert self._height is not None and self._width is not None
         shape = (
             *self.config.batch_shape,
@@ -424,8 +336,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
         assert x.shape[-2] == self.num_local_tokens, (tuple(x.shape), self.num_local_tokens)
         global_shape = (*x.shape[:-2], self.num_tokens, x.shape[-1])
-        noise = torch.randn(global_shape, generator=rng, device=x.device, dtype=x.dtype)
-        return self._split_tokens(noise)
+        return self.parallel.randn_tokens(global_shape, rng, device=x.device, dtype=x.dtype)
 
     # ----------------------------------------------------------------- cache
     def initialize_autoregressive_cache(
@@ -457,51 +368,14 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
                 f"latent height/width ({height}, {width}) must be positive and divisible by the "
                 f"patch size (kh, kw) = ({kh}, {kw})"
             )
-        self._check_batch(text_embeddings, "text_embeddings")
-        use_cfg = config.guidance_scale > 1.0
-        if use_cfg and negative_text_embeddings is None:
-            raise ValueError(
-                f"guidance_scale={config.guidance_scale} > 1 enables CFG, which needs "
-                "negative_text_embeddings"
-            )
-        if not use_cfg and negative_text_embeddings is not None:
-            raise ValueError(
-                "negative_text_embeddings were given but guidance_scale=1.0 disables CFG; "
-                "set guidance_scale > 1 or drop them"
-            )
+        text, image = self._branch_conditioning(
+            text_embeddings, image_embeddings, negative_text_embeddings
+        )
         self._height, self._width = height, width
-        grid_h, grid_w = height // kh, width // kw
+        grid_h, grid_w = self._grid()
         tokens_per_frame = grid_h * grid_w
         kt = config.network.patch_size[0]
         device = self.network.head.head.weight.device
-        batch_size = math.prod(config.batch_shape)
-        text = text_embeddings.reshape(batch_size, *text_embeddings.shape[-2:])
-        image = image_embeddings
-        if image is not None:
-            image = image.reshape(batch_size, *image.shape[-2:])
-        if use_cfg:
-            self._check_batch(negative_text_embeddings, "negative_text_embeddings")
-            negative = negative_text_embeddings.reshape(
-                batch_size, *negative_text_embeddings.shape[-2:]
-            )
-        # CFG branch held by this rank under cfg_parallel (0 cond, 1 uncond); None otherwise.
-        cfg_branch = None if self.cfg_parallel_mesh is None else self.cfg_parallel_mesh.branch_index
-        batched_cfg = use_cfg and cfg_branch is None
-        if batched_cfg:
-            # [cond; uncond] along the batch: [2B, text_len, text_dim]
-            if negative.shape[-2] != text.shape[-2]:
-                # zero-pad both to the network's text length so they stack
-                text_len = config.network.text_len
-                text = torch.nn.functional.pad(text, (0, 0, 0, text_len - text.shape[-2]))
-                negative = torch.nn.functional.pad(
-                    negative, (0, 0, 0, text_len - negative.shape[-2])
-                )
-            text = torch.cat([text, negative.to(text.dtype)], dim=0)
-            if image is not None:
-                image = torch.cat([image, image], dim=0)
-        elif cfg_branch == 1:
-            # cfg_parallel, unconditional half: the negative prompt is this rank's text.
-            text = negative.to(text.dtype)
         batched = self.network.initialize_cache(
             chunk_size=config.len_t // kt * tokens_per_frame,
             window_size=config.window_size_t // kt * tokens_per_frame,
@@ -517,7 +391,9 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             w_extrapolation_ratio=config.w_extrapolation_ratio,
             device=device,
         )
-        if batched_cfg:
+        batch_size = math.prod(config.batch_shape)
+        cfg_branch = self.parallel.cfg_branch
+        if config.guidance_scale > 1.0 and cfg_branch is None:
             cond = batched.batch_slice(0, batch_size)
             uncond = batched.batch_slice(batch_size, 2 * batch_size)
         elif cfg_branch == 1:
@@ -532,6 +408,56 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             batched_network_cache=batched,
             rope=rope,
         )
+
+    def _branch_conditioning(
+        self,
+        text_embeddings: torch.Tensor,
+        image_embeddings: torch.Tensor | None,
+        negative_text_embeddings: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text ``[B', Lt, text_dim]`` and image embeddings of the branches this rank runs.
+
+        ``B' = B`` without CFG or under ``cfg_parallel`` (the negative prompt is the
+        unconditional half's text); ``B' = 2B`` with batched CFG: ``[cond; uncond]``.
+        """
+        config = self.config
+        self._check_batch(text_embeddings, "text_embeddings")
+        use_cfg = config.guidance_scale > 1.0
+        if use_cfg and negative_text_embeddings is None:
+            raise ValueError(
+                f"guidance_scale={config.guidance_scale} > 1 enables CFG, which needs "
+                "negative_text_embeddings"
+            )
+        if not use_cfg and negative_text_embeddings is not None:
+            raise ValueError(
+                "negative_text_embeddings were given but guidance_scale=1.0 disables CFG; "
+                "set guidance_scale > 1 or drop them"
+            )
+        batch_size = math.prod(config.batch_shape)
+        text = text_embeddings.reshape(batch_size, *text_embeddings.shape[-2:])
+        image = image_embeddings
+        if image is not None:
+            image = image.reshape(batch_size, *image.shape[-2:])
+        if not use_cfg:
+            return text, image
+        self._check_batch(negative_text_embeddings, "negative_text_embeddings")
+        negative = negative_text_embeddings.reshape(
+            batch_size, *negative_text_embeddings.shape[-2:]
+        )
+        if self.parallel.cfg_branch == 0:
+            return text, image
+        if self.parallel.cfg_branch == 1:
+            return negative.to(text.dtype), image
+        if negative.shape[-2] != text.shape[-2]:
+            # zero-pad both to the network's text length so they stack
+            text_len = config.network.text_len
+            text = torch.nn.functional.pad(text, (0, 0, 0, text_len - text.shape[-2]))
+            negative = torch.nn.functional.pad(negative, (0, 0, 0, text_len - negative.shape[-2]))
+        # [cond; uncond] along the batch: [2B, text_len, text_dim]
+        text = torch.cat([text, negative.to(text.dtype)], dim=0)
+        if image is not None:
+            image = torch.cat([image, image], dim=0)
+        return text, image
 
     def _check_batch(self, embeddings: torch.Tensor, name: str) -> None:
         expected = self.config.batch_shape
@@ -597,25 +523,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         x = noisy_latent
         if input is not None and config.stamp_image_latent:
             x = stamp_image_latent(x, input, self.patch_volume)
-        timestep = timestep.to(device=x.device, dtype=torch.float32)
-        per_token = timestep.ndim == len(batch_shape) + 1 and timestep.shape[-1] == num_tokens
-        if (
-            config.ti2v_first_frame_per_token_timestep
-            and input is not None
-            and cache.chunk_index == 0
-        ):
-            first_frame = conditioned_tokens(input, self.patch_volume)  # [*batch, L]
-            base = (
-                timestep
-                if per_token
-                else timestep.reshape(
-                    *timestep.shape, *([1] * (len(batch_shape) + 1 - timestep.ndim))
-                )
-            )
-            timestep = torch.where(
-                first_frame, torch.full_like(base, config.first_frame_timestep_value), base
-            )
-            per_token = True
+        timestep, per_token = self._timesteps(timestep, num_tokens, cache, input, x.device)
         if config.concat_image_mask_to_latent:
             if input is None:
                 raise ValueError(
@@ -628,85 +536,72 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             t = timestep.expand(*batch_shape, num_tokens).reshape(batch_size, num_tokens)
         else:
             t = timestep.expand(batch_shape).reshape(batch_size)
-        batched_cfg = self.cfg_parallel_mesh is None and cache.network_cache_uncond is not None
+        batched_cfg = not self.parallel.cfg_parallel and cache.network_cache_uncond is not None
         if batched_cfg:
             x = torch.cat([x, x], dim=0)
             t = torch.cat([t, t], dim=0)
-        out = self._run_network(
-            x.to(config.dtype), t, cache, commit=commit, block_extra_kwargs=network_extra_kwargs
+        rope_freqs, relative_rope = self._rope_inputs(cache)
+        out = self.executor(
+            x.to(config.dtype),
+            t,
+            cache.batched_network_cache,
+            rope_freqs,
+            commit=commit,
+            relative_rope=relative_rope,
+            block_extra_kwargs=network_extra_kwargs,
         )
         if batched_cfg:
             cond, uncond = out.float().chunk(2, dim=0)
             out = uncond + config.guidance_scale * (cond - uncond)
-        elif self.cfg_parallel_mesh is not None:
-            out = self._exchange_and_guide(out)
+        elif self.parallel.cfg_parallel:
+            out = self.parallel.exchange_and_guide(out, config.guidance_scale)
         return out.reshape(*batch_shape, num_tokens, out.shape[-1]).to(noisy_latent.dtype)
 
-    def _exchange_and_guide(self, branch_flow: torch.Tensor) -> torch.Tensor:
-        """CFG-parallel guidance: ``[B, L_rank, D]`` flow of this rank's branch -> guided flow.
+    def _timesteps(
+        self,
+        timestep: torch.Tensor,
+        num_tokens: int,
+        cache: Wan21TransformerCache,
+        input: I2VCtrl | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, bool]:
+        """fp32 timesteps and whether they are per token (``[*batch, L]``).
 
-        One all-gather on the partner pair (group rank = branch: 0 cond, 1 uncond);
-        both partners then compute the same ``uncond + s * (cond - uncond)`` in fp32.
+        Wan 2.2 TI2V: at AR step 0 with an I2V input, the first-frame tokens get
+        ``first_frame_timestep_value``.
         """
-        import torch.distributed as dist
-
-        branch_flow = branch_flow.contiguous()
-        gathered = [torch.empty_like(branch_flow) for _ in range(2)]
-        dist.all_gather(gathered, branch_flow, group=self.cfg_parallel_mesh.pair_group)
-        cond, uncond = (flow.float() for flow in gathered)
-        return uncond + self.config.guidance_scale * (cond - uncond)
+        config = self.config
+        batch_shape = config.batch_shape
+        timestep = timestep.to(device=device, dtype=torch.float32)
+        per_token = timestep.ndim == len(batch_shape) + 1 and timestep.shape[-1] == num_tokens
+        if not (
+            config.ti2v_first_frame_per_token_timestep
+            and input is not None
+            and cache.chunk_index == 0
+        ):
+            return timestep, per_token
+        first_frame = conditioned_tokens(input, self.patch_volume)  # [*batch, L]
+        base = (
+            timestep
+            if per_token
+            else timestep.reshape(*timestep.shape, *([1] * (len(batch_shape) + 1 - timestep.ndim)))
+        )
+        timestep = torch.where(
+            first_frame, torch.full_like(base, config.first_frame_timestep_value), base
+        )
+        return timestep, True
 
     def _rope_inputs(self, cache: Wan21TransformerCache) -> tuple[torch.Tensor | None, Any]:
+        """Absolute RoPE frequencies of this rank's slots of the chunk, or the relative RoPE."""
         if not self.config.network.apply_rope_before_kvcache:
             return None, cache.rope.relative
         chunk_index = cache.chunk_index
         if cache._chunk_freqs is None or cache._chunk_freqs[0] != chunk_index:
             frames_per_chunk = self.config.len_t // self.config.network.patch_size[0]
             freqs = cache.rope.chunk_freqs(chunk_index * frames_per_chunk, frames_per_chunk)
-            if self.cp_mesh is not None:
-                # [L, 1, d] -> this rank's [L_rank, 1, d]: sliced by global token position.
-                freqs = split_tokens(freqs, 0, self.cp_mesh.rank, self.cp_mesh.cp_degree)
-            cache._chunk_freqs = (chunk_index, freqs)
+            # [L, 1, d] -> this rank's [L_rank, 1, d]: sliced by global token position.
+            cache._chunk_freqs = (chunk_index, self.parallel.split(freqs, dim=0))
         return cache._chunk_freqs[1], None
-
-    def _resolve_acceleration(self, device: torch.device) -> None:
-        if self._acceleration_resolved:
-            return
-        self._acceleration_resolved = True
-        config = self.config
-        if device.type == "cpu" and config.compile_network_on_cpu:
-            logger.info("Wan21Transformer: compiling the network blocks for CPU (torch.compile)")
-            self.network.compile_blocks(dynamic=False)
-            return
-        if device.type != "cuda":
-            if config.compile_network or config.use_cuda_graph:
-                logger.info(
-                    f"Wan21Transformer: compile_network={config.compile_network} and "
-                    f"use_cuda_graph={config.use_cuda_graph} are skipped on {device.type}; "
-                    "running the network eagerly"
-                )
-            return
-        if config.compile_network:
-            self.network.compile_blocks(dynamic=False)
-        if config.use_cuda_graph and self.cp_mesh is not None:
-            logger.info(
-                "Wan21Transformer: use_cuda_graph is skipped under context parallelism "
-                "(ring / Ulysses exchange shard lengths on the host)"
-            )
-        elif config.use_cuda_graph:
-            self._graph = CUDAGraphWrapper(self._graph_call, config.cuda_graph_warmup_iters)
-
-    def _graph_call(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        rope_freqs: torch.Tensor | None,
-        *,
-        cache: WanDiTNetworkCache,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        """Network call with the per-call tensors first, as :class:`CUDAGraphWrapper` expects."""
-        return self.network(x, t, cache, rope_freqs, **kwargs)
 
     @property
     def cuda_graph_capture_ar_idx(self) -> int:
@@ -714,49 +609,3 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         config = self.config
         capacity_t = config.sink_size_t + config.window_size_t
         return -(-capacity_t // config.len_t)
-
-    def _run_network(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        cache: Wan21TransformerCache,
-        *,
-        commit: bool,
-        block_extra_kwargs: dict[str, Any] | None,
-    ) -> torch.Tensor:
-        self._resolve_acceleration(x.device)
-        network_cache = cache.batched_network_cache
-        rope_freqs, relative_rope = self._rope_inputs(cache)
-        chunk_index = network_cache.chunk_index
-        steady = network_cache.is_steady_state and chunk_index >= self.cuda_graph_capture_ar_idx
-        if self._graph is None or not steady or block_extra_kwargs:
-            return self.network(
-                x,
-                t,
-                network_cache,
-                rope_freqs,
-                chunk_index,
-                True,
-                block_extra_kwargs,
-                commit=commit,
-                relative_rope=relative_rope,
-            )
-        if self._graph_cache_ref is None or self._graph_cache_ref() is not network_cache:
-            # A new rollout: graphs captured on another cache replay its addresses.
-            self._graph.reset()
-            self._graph_cache_ref = weakref.ref(network_cache)
-        key = (commit, tuple(x.shape), tuple(t.shape))
-        out = self._graph(
-            key,
-            x,
-            t,
-            rope_freqs,
-            cache=network_cache,
-            current_chunk_idx=chunk_index,
-            eager_mode=False,
-            commit=commit,
-            relative_rope=relative_rope,
-        )
-        if commit:
-            network_cache.num_committed_chunks[0] += 1
-        return out

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from flashdreams.core.distributed.plan import ParallelPlan, build_parallel_plan
 from flashdreams.infra.diffusion.transformer import (
     Transformer,
     TransformerAutoregressiveCache,
@@ -16,7 +17,6 @@ from flashdreams.recipes.wan.transformer.wan21 import (
     Wan21Transformer,
     Wan21TransformerCache,
     Wan21TransformerConfig,
-    detect_context_parallel_mesh,
 )
 
 
@@ -82,11 +82,6 @@ class Wan22TransformerConfig(TransformerConfig):
             ("transformer_high_noise", high),
             ("transformer_low_noise", low),
         ):
-            if branch.cfg_parallel:
-                raise ValueError(
-                    f"Wan22Transformer does not support CFG, so neither cfg_parallel: "
-                    f"{branch_name}.cfg_parallel must be False"
-                )
             if branch.guidance_scale != 1.0:
                 raise ValueError(
                     f"Wan22Transformer does not support CFG: {branch_name}.guidance_scale must be 1.0, "
@@ -112,17 +107,24 @@ class Wan22TransformerConfig(TransformerConfig):
 class Wan22Transformer(Transformer[Wan22TransformerCache]):
     """Wan 2.2 dual-network DiT (high-noise and low-noise experts)."""
 
-    def __init__(self, config: Wan22TransformerConfig) -> None:
+    def __init__(
+        self, config: Wan22TransformerConfig, parallel: ParallelPlan | None = None
+    ) -> None:
         super().__init__(config)
         self.config: Wan22TransformerConfig = config
-        # One context-parallel mesh (process groups are created once) serves both branches;
-        # the high-noise branch's cp settings choose it.
-        mesh = detect_context_parallel_mesh(config.transformer_high_noise)
+        # One plan (process groups are created once) serves both branches.
+        if parallel is None:
+            parallel = build_parallel_plan()
+        if parallel.cfg is not None:
+            raise ValueError(
+                "Wan22Transformer does not support CFG, so neither cfg_parallel: "
+                "set parallel.cfg_parallel=false"
+            )
         self.transformer_high_noise: Wan21Transformer = config.transformer_high_noise.setup(
-            context_parallel_mesh=mesh
+            parallel=parallel
         )
         self.transformer_low_noise: Wan21Transformer = config.transformer_low_noise.setup(
-            context_parallel_mesh=mesh
+            parallel=parallel
         )
 
     @property
