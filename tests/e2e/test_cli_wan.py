@@ -140,6 +140,31 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert stats["world_size"] == 2
 
 
+def test_torchrun_cfg_parallel_plan_matches_batched_cfg(tmp_path):
+    """``parallel.cfg_parallel=true`` reaches the model through the launcher's plan: one CFG
+    branch per rank gives the latents of batched CFG on one process."""
+    args = [
+        "wan-tiny-t2v",
+        "runner.height=32",
+        "runner.width=32",
+        "runner.num_chunks=2",
+        "runner.save_latents=true",
+        "pipeline.diffusion_model.transformer.guidance_scale=3.0",
+    ]
+    single = run_cli([*args, "runner.output_dir=one"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--no-python"]
+    double = run_cli(
+        [*args, "parallel.cfg_parallel=true", "runner.output_dir=two"], tmp_path, prefix=torchrun
+    )
+    assert double.returncode == 0, double.stderr
+    one = load_file(str(tmp_path / "one" / "latents.safetensors"))["latents"]
+    two = load_file(str(tmp_path / "two" / "latents.safetensors"))["latents"]
+    assert (one - two).abs().max().item() < 1e-4
+    stats = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert stats["cp_layout"] == {"world_size": 2, "cp_size": 1, "cfg_parallel": True}
+
+
 def _plugin_installed() -> bool:
     try:
         metadata.distribution("flashdreams-self-forcing")

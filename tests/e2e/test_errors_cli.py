@@ -129,7 +129,7 @@ def _cases(paths: dict[str, Path]) -> dict[str, Case]:
         ),
         "ulysses degree does not divide heads": Case(
             ["wan-tiny-t2v", *SMALL, f"{transformer}.network.num_heads=1",
-             f"{transformer}.cp_ulysses_degree=2"],
+             "parallel.ulysses_degree=2"],
             ["1 heads: Ulysses degree must be one of 1; got 2"],
             torchrun=True,
         ),
@@ -171,7 +171,7 @@ def _cases(paths: dict[str, Path]) -> dict[str, Case]:
             ["runner.seed must be between 0 and 2**63 - 1"],
         ),
         "world size does not factor": Case(
-            ["wan-tiny-t2v", *SMALL, f"{transformer}.cp_ulysses_degree=3"],
+            ["wan-tiny-t2v", *SMALL, "parallel.ulysses_degree=3"],
             ["world size 2: ulysses_degree must be one of 1, 2; got 3"],
             torchrun=True,
         ),

@@ -1,11 +1,11 @@
-"""KVCache (sink + rolling window, preallocated) and the self_attention entry point."""
+"""KVCache (sink + rolling window, preallocated) and the attend entry point."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flashdreams.core.attention import KVCache, local_attention, self_attention
+from flashdreams.core.attention import KVCache, attend
 
 
 def _cache(**overrides):
@@ -75,10 +75,10 @@ def test_self_attention_with_cache_equals_attention_over_concatenation():
     history_k, history_v = [], []
     for _ in range(3):
         q, k, v = (torch.randn(1, 3, 2, 4) for _ in range(3))
-        out = self_attention(q, k, v, kv_cache=cache, commit=True)
+        out = attend(q, k, v, kv_cache=cache, commit=True)
         keys = torch.cat(history_k + [k], dim=1)
         values = torch.cat(history_v + [v], dim=1)
-        torch.testing.assert_close(out, local_attention(q, keys, values), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out, attend(q, keys, values), rtol=0, atol=1e-6)
         history_k.append(k)
         history_v.append(v)
 
@@ -87,8 +87,8 @@ def test_key_valid_mask_excludes_padding_keys():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 4, 1, 4) for _ in range(3))
     valid = torch.tensor([True, True, True, False])
-    out = self_attention(q, k, v, key_valid_mask=valid)
-    expected = local_attention(q, k[:, :3], v[:, :3])
+    out = attend(q, k, v, key_valid_mask=valid)
+    expected = attend(q, k[:, :3], v[:, :3])
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
@@ -102,6 +102,6 @@ def test_relative_rope_rotates_concatenated_keys_from_cache_start():
     cache = _cache(head_dim=2, chunk_size=2, window_size=2, sink_size=0)
     for _ in range(3):
         q = k = v = torch.randn(1, 2, 1, 2)
-        self_attention(q, k, v, kv_cache=cache, commit=True, relative_rope=rope)
+        attend(q, k, v, kv_cache=cache, commit=True, relative_rope=rope)
     # keys: [cache | current] from 0; queries: the tail of that sequence
     assert calls == [(2, 0, 2), (2, 0, 2), (4, 0, 4), (2, 2, 4), (4, 0, 4), (2, 2, 4)]

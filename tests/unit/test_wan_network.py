@@ -219,12 +219,21 @@ def test_linear_patch_embedding_and_padding_mask_channel():
 
 
 def test_set_context_parallel_group_stores_on_blocks():
+    from flashdreams.core.attention.context_parallel import ContextParallelSelfAttention
+    from flashdreams.core.distributed import ContextParallelMesh, ParallelDims
+
     network = _network()
-    marker = object()
-    network.set_context_parallel_group(marker)
-    assert all(block.self_attn.context_parallel is marker for block in network.blocks)
+    mesh = ContextParallelMesh(
+        parallel_dims=ParallelDims(2), rank=0, cp_group=None, ulysses_group=None, ring_group=None
+    )
+    strategy = ContextParallelSelfAttention(mesh)
+    network.set_context_parallel_group(strategy)
+    assert all(block.self_attn.context_parallel is strategy for block in network.blocks)
+    assert network.cp_mesh is mesh
     network.set_context_parallel_group()
     assert all(block.self_attn.context_parallel is None for block in network.blocks)
+    with pytest.raises(ValueError, match=r"^set_context_parallel_group takes None, .*got object$"):
+        network.set_context_parallel_group(object())
 
 
 def test_presets_match_published_sizes():
@@ -248,3 +257,35 @@ def test_config_rejects_bad_values():
         WanDiTNetworkTinyConfig(dim=30, num_heads=4)
     with pytest.raises(ValueError, match="cp_method must be 'ring' or 'ulysses'"):
         WanDiTNetworkTinyConfig(cp_method="both")
+
+
+def test_attention_backend_serves_every_self_and_cross_attention_call(monkeypatch):
+    """``attention_backend`` reaches every attention call of the network (one entry point),
+    and an unknown name fails at config time with the registered names."""
+    import dataclasses
+
+    from flashdreams.core.attention import backends
+
+    calls = []
+    math_backend = backends.get_attention_backend("math")
+
+    def counting(q, k, v, key_padding_mask):
+        calls.append(k.shape[1])
+        return math_backend.fn(q, k, v, key_padding_mask)
+
+    counting_backend = dataclasses.replace(math_backend, name="counting_math", fn=counting)
+    monkeypatch.setitem(backends._REGISTRY, "counting_math", counting_backend)
+    counted = _network(attention_backend="counting_math")
+    reference = _network()
+    text = torch.randn(1, 5, 32)
+    x = torch.randn(1, 8, 64)
+    freqs = _rope(counted).chunk_freqs(0, 2)
+    outs = []
+    for network in (counted, reference):
+        cache = network.initialize_cache(8, 8, 0, text)
+        outs.append(network(x, torch.tensor(3.0), cache, freqs))
+    # two blocks: self-attention over the 8 chunk tokens, cross-attention over 32 text tokens
+    assert calls == [8, 32, 8, 32]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^attention_backend must be one of auto, .*got 'fast'$"):
+        WanDiTNetworkTinyConfig(attention_backend="fast")

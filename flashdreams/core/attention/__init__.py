@@ -1,9 +1,13 @@
-"""Attention for the video DiTs: one self-attention entry point and its KV cache.
+"""Attention for the video DiTs: one entry point for local, cross and context-parallel attention.
 
-Every self-attention call of a network goes through :func:`self_attention`.
-It owns the KV-cache read / write, the key-validity mask, the optional
-cache-relative RoPE and the choice between local attention and a
-context-parallel implementation, so blocks never deal with layouts.
+Every attention call of a network goes through :func:`attend`. For
+self-attention it owns the KV-cache read / write, the key-validity mask, the
+optional cache-relative RoPE and the choice between local attention and the
+context-parallel strategy, so blocks never deal with layouts; cross-attention
+calls it without a cache. The kernel comes from the backend registry
+(:mod:`flashdreams.core.attention.backends`), chosen by name: ``"auto"`` runs
+local attention with torch SDPA (which picks its own fused kernel) and lets
+ring attention pick the fastest backend that returns the log-sum-exp.
 
 Layout::
 
@@ -14,20 +18,21 @@ Layout::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
+from flashdreams.core.attention.backends import attention, sdpa_attention
 from flashdreams.core.attention.kv_cache import KVCache, KVCacheCounters
-from flashdreams.core.attention.local import local_attention
+
+if TYPE_CHECKING:
+    from flashdreams.core.attention.context_parallel import ContextParallelSelfAttention
 
 __all__ = [
-    "ContextParallelAttention",
     "KVCache",
     "KVCacheCounters",
     "RelativeRope",
-    "local_attention",
-    "self_attention",
+    "attend",
 ]
 
 RelativeRope = Callable[[torch.Tensor, int, int], torch.Tensor]
@@ -35,58 +40,42 @@ RelativeRope = Callable[[torch.Tensor, int, int], torch.Tensor]
 at positions ``[start, stop)`` of the attended sequence ``[cache | current]``."""
 
 
-class ContextParallelAttention(Protocol):
-    """What a context-parallel strategy (ring, Ulysses, USP) provides to the entry point."""
-
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_valid_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Attention of the local queries over the keys of every rank; ``[B, Lq, H, D]``."""
-        ...
-
-
-def self_attention(
+def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
+    backend: str = "auto",
     kv_cache: KVCache | None = None,
     commit: bool = False,
-    context_parallel: ContextParallelAttention | None = None,
+    context_parallel: ContextParallelSelfAttention | None = None,
     key_valid_mask: torch.Tensor | None = None,
     relative_rope: RelativeRope | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Self-attention of the current chunk over ``[cached tokens | current chunk]``.
+    """Attention of ``q`` over ``[cached keys | k]`` (or over ``k`` alone without a cache).
 
     Args:
-        q, k, v: current chunk ``[B, L, H, D]``. With absolute RoPE the caller
+        q, k, v: ``[B, Lq, H, D]`` / ``[B, Lk, H, D]``. With absolute RoPE the caller
             has already rotated ``q`` and ``k``.
-        kv_cache: this layer's cache, or ``None`` to attend to the chunk only.
+        backend: attention backend name (see ``list_attention_backends()``) or ``"auto"``.
+        kv_cache: this layer's self-attention cache, or ``None``.
         commit: keep the chunk's K/V in the cache after attending (the
             context-noise pass); denoising steps attend without keeping.
-        context_parallel: strategy that spreads the keys over ranks; ``None``
-            runs torch SDPA locally. A strategy with a ``self_attention`` method
-            (:class:`~flashdreams.core.attention.context_parallel.ContextParallelSelfAttention`)
-            takes over the cache read / write too; one with only ``attention``
-            gets the locally staged keys.
-        key_valid_mask: ``[L]`` bool, False marks padding tokens of this chunk.
+        context_parallel: the CP strategy holding this rank's process groups;
+            ``None`` attends locally. It owns the cache layout (Ulysses must
+            exchange heads before the cache write), so it runs the whole step.
+        key_valid_mask: ``[Lk]`` bool, False marks padding tokens of this chunk.
         relative_rope: when set, K/V are cached unrotated and RoPE is applied
             here to the concatenated keys, positions counted from the cache
             start (the query sits at the end of that sequence).
-        attention_mask: ``[L, L_keys]`` bool (True = may attend), for
-            full-sequence reference passes; local attention only.
+        attention_mask: ``[Lq, L_keys]`` bool (True = may attend), for
+            full-sequence reference passes; local SDPA only.
 
     Returns:
-        ``[B, L, H, D]``.
+        ``[B, Lq, H, D]``.
     """
-    if context_parallel is not None and hasattr(context_parallel, "self_attention"):
-        # A strategy that owns the cache layout (ContextParallelSelfAttention): Ulysses must
-        # exchange heads before the cache write, so it runs the whole step itself.
+    if context_parallel is not None:
         if attention_mask is not None:
             raise ValueError("attention_mask is only supported without context parallelism")
         return context_parallel.self_attention(
@@ -102,16 +91,22 @@ def self_attention(
         num_keys = k_all.shape[1]
         k_all = relative_rope(k_all, 0, num_keys)
         q = relative_rope(q, num_keys - num_query, num_keys)
-    batch_valid = None
-    if valid_all is not None:
-        # [L_keys] -> [B, L_keys]
-        batch_valid = valid_all[None].expand(q.shape[0], -1)
-    if context_parallel is None:
-        out = local_attention(q, k_all, v_all, batch_valid, attention_mask)
+    # [L_keys] -> [B, L_keys]
+    batch_valid = None if valid_all is None else valid_all[None].expand(q.shape[0], -1)
+    if attention_mask is not None:
+        if backend not in ("auto", "sdpa"):
+            raise ValueError(
+                f"attention_mask needs the sdpa attention backend, got backend={backend!r}"
+            )
+        # [B, Lk] & [Lq, Lk] -> [B or 1, Lq, Lk]
+        mask = (
+            attention_mask[None] if batch_valid is None else batch_valid[:, None] & attention_mask
+        )
+        out = sdpa_attention(q, k_all, v_all, mask)
     else:
-        if attention_mask is not None:
-            raise ValueError("attention_mask is only supported without context parallelism")
-        out = context_parallel.attention(q, k_all, v_all, batch_valid)
+        out = attention(
+            q, k_all, v_all, batch_valid, backend="sdpa" if backend == "auto" else backend
+        )
     if kv_cache is not None and commit:
         kv_cache.commit(num_query)
     return out

@@ -271,18 +271,32 @@ def _math_attention(q, k, v, key_padding_mask):
 
 
 # --------------------------------------------------------------------------- sdpa
-def _sdpa_attention(q, k, v, key_padding_mask):
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Torch SDPA in the ``[B, L, H, D]`` layout with a general boolean mask.
+
+    ``mask`` is ``[B or 1, Lq or 1, Lk]`` (True = attend) or ``None``. Query rows
+    that end up with no allowed key return zeros (some kernels give NaN there).
+    """
     import torch.nn.functional as F
 
-    attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    # [B|1, Lq|1, Lk] -> [B|1, 1, Lq|1, Lk]
+    attn_mask = None if mask is None else mask[:, None]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
     ).transpose(1, 2)
-    if key_padding_mask is not None:
-        # A fully masked row is NaN in some kernels; the contract says zero.
-        has_key = key_padding_mask.any(dim=1)[:, None, None, None]
+    if mask is not None:
+        # [B|1, Lq|1, Lk] -> [B|1, Lq|1, 1, 1]
+        has_key = mask.any(dim=-1)[..., None, None]
         out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return out.contiguous(), None
+    return out.contiguous()
+
+
+def _sdpa_attention(q, k, v, key_padding_mask):
+    # [B, Lk] -> [B, 1, Lk]
+    mask = None if key_padding_mask is None else key_padding_mask[:, None]
+    return sdpa_attention(q, k, v, mask), None
 
 
 def _cudnn_attention(q, k, v, key_padding_mask):

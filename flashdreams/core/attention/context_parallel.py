@@ -40,7 +40,6 @@ from flashdreams.core.attention.backends import attention
 from flashdreams.core.attention.kv_cache import KVCache
 from flashdreams.core.attention.ring import ring_attention
 from flashdreams.core.attention.ulysses import ulysses_head_to_seq, ulysses_seq_to_head
-from flashdreams.core.attention.usp import usp_attention
 from flashdreams.core.distributed.mesh import ContextParallelMesh
 from flashdreams.core.distributed.parallel_dims import ParallelDims
 from flashdreams.core.distributed.sharding import slots_per_rank
@@ -305,25 +304,6 @@ class ContextParallelSelfAttention:
             kv_cache.commit(num_real)
         return out
 
-    def attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_valid_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Cache-free attention of local queries over every rank's keys (USP primitive)."""
-        return usp_attention(
-            q,
-            k,
-            v,
-            key_valid_mask,
-            self.mesh.ulysses_group,
-            self.mesh.ring_group,
-            overlap=self.overlap,
-            backend=self.backend,
-        )
-
 
 def mesh_from_group(
     group: ProcessGroup, cp_method: str, num_heads: int | None = None
@@ -347,26 +327,36 @@ def mesh_from_group(
     )
 
 
-def make_context_parallel(cp: Any, *, cp_method: str = "ring", num_heads: int | None = None) -> Any:
+def make_context_parallel(
+    cp: ContextParallelSelfAttention | ContextParallelMesh | ProcessGroup | None,
+    *,
+    cp_method: str = "ring",
+    num_heads: int | None = None,
+    backend: str = "auto",
+) -> ContextParallelSelfAttention | None:
     """Normalise what ``set_context_parallel_group`` accepts.
 
     * ``None`` or a one-rank mesh / group -> ``None`` (local attention);
-    * a :class:`ContextParallelMesh` -> :class:`ContextParallelSelfAttention`;
+    * a :class:`ContextParallelMesh` -> :class:`ContextParallelSelfAttention`
+      with ``backend``;
     * a ``torch.distributed.ProcessGroup`` -> a ring or Ulysses mesh over it
       (``cp_method``), then as above;
-    * anything else is taken as a ready strategy and returned unchanged.
+    * a :class:`ContextParallelSelfAttention` is used as it is.
     """
-    if cp is None:
-        return None
+    if cp is None or isinstance(cp, ContextParallelSelfAttention):
+        return cp
     import torch.distributed as dist
 
     if isinstance(cp, dist.ProcessGroup):
         cp = mesh_from_group(cp, cp_method, num_heads)
-    if isinstance(cp, ContextParallelMesh):
-        if cp.cp_degree == 1:
-            return None
-        if num_heads is not None and num_heads % cp.ulysses_degree != 0:
-            # Re-validate through ParallelDims for its message listing the valid degrees.
-            ParallelDims(cp.cp_degree, ulysses_degree=cp.ulysses_degree, num_heads=num_heads)
-        return ContextParallelSelfAttention(cp)
-    return cp
+    if not isinstance(cp, ContextParallelMesh):
+        raise ValueError(
+            "set_context_parallel_group takes None, a ProcessGroup, a ContextParallelMesh or a "
+            f"ContextParallelSelfAttention; got {type(cp).__name__}"
+        )
+    if cp.cp_degree == 1:
+        return None
+    if num_heads is not None and num_heads % cp.ulysses_degree != 0:
+        # Re-validate through ParallelDims for its message listing the valid degrees.
+        ParallelDims(cp.cp_degree, ulysses_degree=cp.ulysses_degree, num_heads=num_heads)
+    return ContextParallelSelfAttention(cp, backend=backend)

@@ -13,13 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from flashdreams.core.attention import KVCache, RelativeRope, local_attention, self_attention
+from flashdreams.core.attention import KVCache, RelativeRope, attend
 from flashdreams.recipes.wan.transformer.impl.rope import apply_rope
+
+if TYPE_CHECKING:
+    from flashdreams.core.attention.context_parallel import ContextParallelSelfAttention
 
 
 class WanLayerNorm(nn.LayerNorm):
@@ -102,9 +105,12 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
         self.qkv: nn.Linear | None = None
-        self.context_parallel: Any = None
-        self.attention_entry: Callable[..., torch.Tensor] = self_attention
-        """The self-attention entry point; :meth:`WanDiTNetwork.compile_blocks` swaps in a
+        self.context_parallel: ContextParallelSelfAttention | None = None
+        """Context-parallel strategy (set by ``WanDiTNetwork.set_context_parallel_group``)."""
+        self.attention_backend = "auto"
+        """Attention backend name (``WanDiTNetworkConfig.attention_backend``)."""
+        self.attention_entry: Callable[..., torch.Tensor] = attend
+        """The attention entry point; :meth:`WanDiTNetwork.compile_blocks` swaps in a
         copy that ``torch.compile`` leaves eager (it owns the KV-cache bookkeeping)."""
 
     @torch.no_grad()
@@ -148,6 +154,7 @@ class WanSelfAttention(nn.Module):
             q,
             k,
             v,
+            backend=self.attention_backend,
             kv_cache=kv_cache,
             commit=commit,
             context_parallel=self.context_parallel,
@@ -171,6 +178,8 @@ class WanCrossAttention(nn.Module):
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
         self.enable_img = enable_img
+        self.attention_backend = "auto"
+        """Attention backend name (``WanDiTNetworkConfig.attention_backend``)."""
         if enable_img:
             self.k_img = nn.Linear(dim, dim)
             self.v_img = nn.Linear(dim, dim)
@@ -192,9 +201,9 @@ class WanCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: WanBlockCache) -> torch.Tensor:
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        out = local_attention(q, cache.cross_k, cache.cross_v)
+        out = attend(q, cache.cross_k, cache.cross_v, backend=self.attention_backend)
         if self.enable_img:
-            out = out + local_attention(q, cache.img_k, cache.img_v)
+            out = out + attend(q, cache.img_k, cache.img_v, backend=self.attention_backend)
         return self.o(out.flatten(-2))
 
 

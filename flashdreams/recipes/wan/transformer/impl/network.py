@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flashdreams.core.attention import KVCache, RelativeRope, self_attention
+from flashdreams.core.attention import KVCache, RelativeRope, attend
+from flashdreams.core.attention.backends import list_attention_backends
 from flashdreams.core.distributed.sharding import gather_tokens, split_tokens
 from flashdreams.infra.config import InstantiateConfig
 from flashdreams.recipes.wan.transformer.impl.blocks import (
@@ -28,6 +29,10 @@ from flashdreams.recipes.wan.transformer.impl.blocks import (
     WanImageProjection,
     sinusoidal_timestep_embedding,
 )
+
+if TYPE_CHECKING:
+    from flashdreams.core.attention.context_parallel import ContextParallelSelfAttention
+    from flashdreams.core.distributed.mesh import ContextParallelMesh
 
 PATCHIFY_PATTERN = "... (t kt) c (h kh) (w kw) -> ... (t h w) (c kt kh kw)"
 UNPATCHIFY_PATTERN = "... (t h w) (c kt kh kw) -> ... (t kt) c (h kh) (w kw)"
@@ -102,6 +107,13 @@ class WanDiTNetworkConfig(InstantiateConfig):
     img_dim: int = 1280
     """Width of the CLIP image embeddings (open-clip ViT-H/14: 1280); used when
     ``cross_attn_enable_img``."""
+    attention_backend: str = "auto"
+    """Attention kernel of every self-, cross- and context-parallel attention call: a name
+    from ``flashdreams.core.attention.backends.list_attention_backends()`` (``math``,
+    ``sdpa``, ``cpu_flash``, ``torch_efficient``, ``flash_attn``, ``cudnn``) or ``"auto"``
+    (torch SDPA locally; the fastest backend returning the log-sum-exp for ring attention).
+    A backend that cannot serve a call (device, dtype, no log-sum-exp for ring) raises
+    ``ValueError`` saying why."""
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads != 0:
@@ -112,6 +124,12 @@ class WanDiTNetworkConfig(InstantiateConfig):
             )
         if self.cp_method not in ("ring", "ulysses"):
             raise ValueError(f"cp_method must be 'ring' or 'ulysses', got {self.cp_method!r}")
+        backends = ["auto", *list_attention_backends()]
+        if self.attention_backend not in backends:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(backends)}; "
+                f"got {self.attention_backend!r}"
+            )
         self.patch_size = tuple(self.patch_size)  # type: ignore[assignment]
 
     @property
@@ -265,7 +283,10 @@ class WanDiTNetwork(nn.Module):
             self.img_emb = WanImageProjection(config.img_dim, config.dim)
         # The original head emits channels as (kt kh kw c); once fused it emits (c kt kh kw).
         self._head_channels_first = False
-        self.context_parallel: Any = None
+        self.context_parallel: ContextParallelSelfAttention | None = None
+        for block in self.blocks:
+            block.self_attn.attention_backend = config.attention_backend
+            block.cross_attn.attention_backend = config.attention_backend
 
     # ----------------------------------------------------------------- setup
     @property
@@ -279,19 +300,24 @@ class WanDiTNetwork(nn.Module):
         ``torch.distributed.ProcessGroup`` (all its ranks form one ring or one
         Ulysses group, per ``config.cp_method``), a
         :class:`~flashdreams.core.distributed.ContextParallelMesh` (ring,
-        Ulysses or USP), or a ready strategy object, stored as given. Groups
-        and meshes become one
-        :class:`~flashdreams.core.attention.context_parallel.ContextParallelSelfAttention`
-        shared by the blocks. Call before :meth:`initialize_cache`: the caches
-        are laid out for it. Nothing in ``forward`` reads ranks.
+        Ulysses or USP), or a ready
+        :class:`~flashdreams.core.attention.context_parallel.ContextParallelSelfAttention`.
+        Groups and meshes become one such strategy, shared by the blocks. Call
+        before :meth:`initialize_cache`: the caches are laid out for it.
+        Nothing in ``forward`` reads ranks.
         """
         from flashdreams.core.attention.context_parallel import make_context_parallel
 
         strategy = make_context_parallel(
-            cp_group, cp_method=self.config.cp_method, num_heads=self.config.num_heads
+            cp_group,
+            cp_method=self.config.cp_method,
+            num_heads=self.config.num_heads,
+            backend=self.config.attention_backend,
         )
-        if not self.config.apply_rope_before_kvcache and not getattr(
-            strategy, "supports_relative_rope", True
+        if (
+            strategy is not None
+            and not self.config.apply_rope_before_kvcache
+            and not strategy.supports_relative_rope
         ):
             raise NotImplementedError(
                 "apply_rope_before_kvcache=False (cache-relative RoPE) is not supported with "
@@ -303,9 +329,9 @@ class WanDiTNetwork(nn.Module):
             block.self_attn.context_parallel = strategy
 
     @property
-    def cp_mesh(self) -> Any:
+    def cp_mesh(self) -> ContextParallelMesh | None:
         """The :class:`~flashdreams.core.distributed.ContextParallelMesh` in use, or ``None``."""
-        return getattr(self.context_parallel, "mesh", None)
+        return None if self.context_parallel is None else self.context_parallel.mesh
 
     @torch.no_grad()
     def update_parameters_after_loading_checkpoint(self) -> None:
@@ -339,7 +365,7 @@ class WanDiTNetwork(nn.Module):
         shapes on every chunk, and all blocks share one compiled graph (their
         parameters are graph inputs). ``compile_kwargs`` go to ``torch.compile``.
         """
-        eager_entry = torch.compiler.disable(self_attention)
+        eager_entry = torch.compiler.disable(attend)
         for block in self.blocks:
             block.self_attn.attention_entry = eager_entry
             block.compile(**compile_kwargs)
@@ -496,7 +522,9 @@ class WanDiTNetwork(nn.Module):
         reference = self.blocks[0].self_attn.o.weight
         # With context parallelism each rank caches its share of the chunk (see
         # flashdreams.core.attention.context_parallel); sizes stay global here.
-        make_kv_cache = getattr(self.context_parallel, "make_kv_cache", KVCache)
+        make_kv_cache = (
+            KVCache if self.context_parallel is None else self.context_parallel.make_kv_cache
+        )
         caches = []
         for block in self.blocks:
             cross_k, cross_v, img_k, img_v = block.cross_attn.context_kv(text_context, img_context)
