@@ -377,3 +377,19 @@ def test_encoder_compile_path_traces_without_graph_breaks():
     generator = torch.Generator().manual_seed(1)
     frames = torch.rand(1, 9, 3, 32, 32, generator=generator) * 2 - 1
     _traced_stream_matches_eager(encoder, "encoder", [frames[:, :1], frames[:, 1:5], frames[:, 5:]])
+
+
+def test_cudnn_benchmark_is_scoped_to_the_vae_calls():
+    """The VAE autotunes cuDNN for its own calls and leaves the process-wide flag alone."""
+    from flashdreams.recipes.wan.autoencoder.vae import _cudnn_benchmark
+
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with _cudnn_benchmark(torch.device("cuda")):
+            assert torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.benchmark
+        with _cudnn_benchmark(torch.device("cpu")):
+            assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = previous

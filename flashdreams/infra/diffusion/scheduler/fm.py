@@ -226,15 +226,39 @@ class FlowMatchScheduler(Fp32ScheduleBuffersMixin, Scheduler):
         ``timestep = 0`` returns ``clean_input`` unchanged (up to dtype).
         ``timestep`` is a scalar or one value per batch element.
         """
-        noise_like = noise_like or draw_noise_like
-        timestep = torch.as_tensor(timestep)
-        index = snap_to_schedule(timestep, self.schedule_timesteps)
-        compute_dtype = compute_dtype_for(clean_input.dtype)
-        sigma = self.schedule_sigmas[index].to(device=clean_input.device, dtype=compute_dtype)
-        sigma = broadcast_per_sample(sigma, clean_input)
-        eps = noise_like(clean_input, rng).to(compute_dtype)
-        noisy = (1 - sigma) * clean_input.to(compute_dtype) + sigma * eps
-        return noisy.to(clean_input.dtype)
+        return add_noise_on_schedule(
+            clean_input,
+            timestep,
+            self.schedule_timesteps,
+            self.schedule_sigmas,
+            rng,
+            noise_like=noise_like,
+        )
+
+
+def add_noise_on_schedule(
+    clean_input: torch.Tensor,
+    timestep: torch.Tensor,
+    schedule_timesteps: torch.Tensor,
+    schedule_sigmas: torch.Tensor,
+    rng: torch.Generator | None = None,
+    *,
+    noise_like: NoiseLike | None = None,
+) -> torch.Tensor:
+    """``(1 - sigma) * x0 + sigma * eps``, ``sigma`` of ``timestep`` snapped to the schedule.
+
+    ``timestep`` is a scalar or one value per batch element; the noise comes from
+    ``noise_like(x0, rng)`` (default: a plain draw) and the sum is computed in
+    fp32 (fp64 for fp64 inputs).
+    """
+    noise_like = noise_like or draw_noise_like
+    index = snap_to_schedule(torch.as_tensor(timestep), schedule_timesteps)
+    compute_dtype = compute_dtype_for(clean_input.dtype)
+    sigma = schedule_sigmas[index].to(device=clean_input.device, dtype=compute_dtype)
+    sigma = broadcast_per_sample(sigma, clean_input)
+    eps = noise_like(clean_input, rng).to(compute_dtype)
+    noisy = (1 - sigma) * clean_input.to(compute_dtype) + sigma * eps
+    return noisy.to(clean_input.dtype)
 
 
 def uniform_denoising_timesteps(num_steps: int, num_train_timesteps: int) -> list[int]:

@@ -31,11 +31,9 @@ from flashdreams.infra.diffusion.scheduler.base import (
 from flashdreams.infra.diffusion.scheduler.fm import (
     Fp32ScheduleBuffersMixin,
     NoiseLike,
-    broadcast_per_sample,
+    add_noise_on_schedule,
     compute_dtype_for,
-    draw_noise_like,
     maybe_progress_bar,
-    snap_to_schedule,
 )
 
 SUPPORTED_SOLVER_ORDERS = (1, 2)
@@ -217,15 +215,9 @@ class FlowMatchUniPCScheduler(Fp32ScheduleBuffersMixin, Scheduler):
         The inference schedule has no ``t = 0`` entry: small timesteps snap to
         the last (smallest, non-zero) sigma.
         """
-        noise_like = noise_like or draw_noise_like
-        timestep = torch.as_tensor(timestep)
-        index = snap_to_schedule(timestep, self.timesteps)
-        compute_dtype = compute_dtype_for(clean_input.dtype)
-        sigma = self.sigmas[index].to(device=clean_input.device, dtype=compute_dtype)
-        sigma = broadcast_per_sample(sigma, clean_input)
-        eps = noise_like(clean_input, rng).to(compute_dtype)
-        noisy = (1 - sigma) * clean_input.to(compute_dtype) + sigma * eps
-        return noisy.to(clean_input.dtype)
+        return add_noise_on_schedule(
+            clean_input, timestep, self.timesteps, self.sigmas, rng, noise_like=noise_like
+        )
 
 
 def _wan_flow_sigmas(

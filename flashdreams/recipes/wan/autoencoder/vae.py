@@ -11,6 +11,7 @@ frame at a time, and the very first one decodes to a single pixel frame.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -321,11 +322,6 @@ class _WanVAEMixin:
         if not self._compile_checked:
             self._compile_checked = True
             wants_compile = self.config.use_compile or self.config.use_cuda_graph
-            if device.type == "cuda" and not torch.backends.cudnn.benchmark:
-                # The VAE runs the same conv shapes on every chunk: let cuDNN pick the
-                # fastest algorithm once per shape (process-wide setting).
-                torch.backends.cudnn.benchmark = True
-                logger.info(f"Wan VAE {self._kind}: enabled torch.backends.cudnn.benchmark")
             if wants_compile and device.type != "cuda":
                 logger.info(
                     f"Wan VAE {self._kind}: use_compile/use_cuda_graph need CUDA; running eagerly"
@@ -348,12 +344,28 @@ class _WanVAEMixin:
             # oneDNN's convolutions are fastest on channels-last activations, and the
             # channel RMSNorm then reduces over the innermost dim (bench/RESULTS.md).
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        out = network(x, cache, **kwargs).contiguous()
+        with _cudnn_benchmark(x.device):
+            out = network(x, cache, **kwargs).contiguous()
         if network is not module:
             # CUDA-graph outputs live in pooled buffers that the next replay overwrites.
             out = out.clone()
             cache.slots = [s.clone() if isinstance(s, torch.Tensor) else s for s in cache.slots]
         return out
+
+
+def _cudnn_benchmark(device: torch.device) -> contextlib.AbstractContextManager:
+    """cuDNN autotuning for the VAE's calls only (it runs the same conv shapes on every
+    chunk, so cuDNN picks the fastest algorithm once per shape); the process-wide
+    setting is restored afterwards."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(
+        enabled=cudnn.enabled,
+        benchmark=True,
+        deterministic=cudnn.deterministic,
+        allow_tf32=cudnn.allow_tf32,
+    )
 
 
 # --------------------------------------------------------------------------- encoder
