@@ -6,7 +6,9 @@
 1. Bytes each rank sends per attention layer (counted from the tensors the
    primitives actually send, via CommStats) vs the analytic minimum:
    ring: (N-1)/N of the global K+V bytes; Ulysses: 4 all-to-alls (q, k, v,
-   out), each (N-1)/N of the local shard.
+   out), each (N-1)/N of the local shard. Ulysses runs through the networks'
+   context-parallel self-attention (one chunk, no cache history), which drops
+   padding before attending, so it needs no mask.
 2. Wall time of one attention step at CP 1 (one process) and CP 2 (ring and
    Ulysses), one thread per rank, at a token count where attention dominates.
 3. Ring overlap: CP 2 ring with the next K/V shard in flight vs strictly
@@ -27,9 +29,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from flashdreams.core.attention.backends import attention
+from flashdreams.core.attention.context_parallel import ContextParallelSelfAttention
 from flashdreams.core.attention.ring import ring_attention
-from flashdreams.core.attention.ulysses import ulysses_attention
-from flashdreams.core.distributed import CommStats, split_tokens, token_valid_mask
+from flashdreams.core.distributed import (
+    CommStats,
+    ParallelDims,
+    build_cp_mesh,
+    split_tokens,
+    token_valid_mask,
+)
 
 
 def _free_port() -> int:
@@ -77,24 +85,41 @@ def local_inputs(rank, world_size, num_q, num_kv, num_heads, head_dim):
     return (*shard, mask)
 
 
+def ulysses_step(world_size, num_tokens, num_heads, head_dim, comm_stats=None):
+    """``step(q, k, v)``: one chunk of Ulysses self-attention as the networks run it."""
+    mesh = build_cp_mesh(ParallelDims(world_size, ulysses_degree=world_size))
+    strategy = ContextParallelSelfAttention(mesh, comm_stats=comm_stats)
+    cache = strategy.make_kv_cache(
+        batch_size=1,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        chunk_size=num_tokens,
+        window_size=0,
+        sink_size=0,
+    )
+    return lambda q, k, v: strategy.self_attention(q, k, v, kv_cache=cache)
+
+
 def bytes_worker(rank, world_size, num_tokens, num_heads, head_dim):
     q, k, v, mask = local_inputs(rank, world_size, num_tokens, num_tokens, num_heads, head_dim)
     group = dist.group.WORLD
     element = 4
+    global_kv = 2 * num_tokens * num_heads * head_dim * element
+    ring_min = (world_size - 1) / world_size * global_kv
+    local_shard = num_tokens / world_size * num_heads * head_dim * element  # unpadded
+    ulysses_min = 4 * (world_size - 1) / world_size * local_shard
     results = {}
     for name, with_mask in (("no mask", False), ("padding mask", True)):
-        m = mask if with_mask else None
-        ring_stats, ulysses_stats = CommStats(), CommStats()
-        ring_attention(q, k, v, m, group, comm_stats=ring_stats)
-        ulysses_attention(q, k, v, m, group, comm_stats=ulysses_stats)
-        global_kv = 2 * num_tokens * num_heads * head_dim * element
-        ring_min = (world_size - 1) / world_size * global_kv
-        local_shard = num_tokens / world_size * num_heads * head_dim * element  # unpadded
-        ulysses_min = 4 * (world_size - 1) / world_size * local_shard
-        results[name] = dict(
-            ring=(ring_stats.total_bytes, ring_min, dict(ring_stats.bytes_sent)),
-            ulysses=(ulysses_stats.total_bytes, ulysses_min, dict(ulysses_stats.bytes_sent)),
-        )
+        ring_stats = CommStats()
+        ring_attention(q, k, v, mask if with_mask else None, group, comm_stats=ring_stats)
+        results[name] = dict(ring=(ring_stats.total_bytes, ring_min, dict(ring_stats.bytes_sent)))
+    ulysses_stats = CommStats()
+    ulysses_step(world_size, num_tokens, num_heads, head_dim, ulysses_stats)(q, k, v)
+    results["no mask"]["ulysses"] = (
+        ulysses_stats.total_bytes,
+        ulysses_min,
+        dict(ulysses_stats.bytes_sent),
+    )
     return results
 
 
@@ -113,11 +138,14 @@ def timing_worker(rank, world_size, num_q, num_kv, num_heads, head_dim, repeats)
     q, k, v, mask = local_inputs(rank, world_size, num_q, num_kv, num_heads, head_dim)
     group = dist.group.WORLD
     _time(lambda: ring_attention(q, k, v, mask, group), 1)  # warm-up
-    return dict(
+    times = dict(
         ring_overlap=_time(lambda: ring_attention(q, k, v, mask, group, overlap=True), repeats),
         ring_serial=_time(lambda: ring_attention(q, k, v, mask, group, overlap=False), repeats),
-        ulysses=_time(lambda: ulysses_attention(q, k, v, mask, group), repeats),
     )
+    if num_q == num_kv:
+        step = ulysses_step(world_size, num_q, num_heads, head_dim)
+        times["ulysses"] = _time(lambda: step(q, k, v), repeats)
+    return times
 
 
 def time_single(num_q, num_kv, num_heads, head_dim, repeats):

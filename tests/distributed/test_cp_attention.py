@@ -2,7 +2,11 @@
 
 One spawned function per world size runs all checks, to pay the spawn cost once.
 Every rank builds the same seeded global tensors, takes its shard with
-``split_tokens`` and compares its output rows to single-process SDPA.
+``split_tokens`` and compares its output rows to single-process SDPA: the ring
+primitive on its own (masks, unequal shards), and the one context-parallel
+self-attention the networks use (:class:`ContextParallelSelfAttention`: ring,
+Ulysses and USP over a streaming sink + window KV cache) against the
+single-process :func:`attend` over a :class:`KVCache`.
 """
 
 from __future__ import annotations
@@ -12,13 +16,10 @@ import torch
 import torch.nn.functional as F
 from _spawn import run_on_ranks
 
+from flashdreams.core.attention import KVCache, attend
+from flashdreams.core.attention.context_parallel import ContextParallelSelfAttention
 from flashdreams.core.attention.ring import ring_attention
-from flashdreams.core.attention.ulysses import (
-    ulysses_attention,
-    ulysses_head_to_seq,
-    ulysses_seq_to_head,
-)
-from flashdreams.core.attention.usp import usp_attention
+from flashdreams.core.attention.ulysses import ulysses_head_to_seq, ulysses_seq_to_head
 from flashdreams.core.distributed import (
     CommStats,
     ParallelDims,
@@ -113,6 +114,29 @@ def cache_plus_current_case(attn_fn, rank, world_size, name):
     )
 
 
+def streaming_case(mesh, rank, world_size, num_tokens, name, *, window=None, sink=None):
+    """Three chunks through the CP self-attention with a sink + window cache (window and
+    sink not multiples of the chunk by default) vs one process over a KVCache."""
+    num_heads, head_dim, batch = 4, 8, 2
+    window = num_tokens + 3 if window is None else window
+    sink = 2 if sink is None else sink
+    sizes = dict(batch_size=batch, num_heads=num_heads, head_dim=head_dim, chunk_size=num_tokens)
+    strategy = ContextParallelSelfAttention(mesh)
+    cp_cache = strategy.make_kv_cache(**sizes, window_size=window, sink_size=sink)
+    reference_cache = KVCache(**sizes, window_size=window, sink_size=sink)
+    num_valid = int(token_valid_mask(num_tokens, rank, world_size).sum())
+    for chunk in range(3):
+        q, k, v = make_qkv(num_tokens, num_tokens, num_heads, head_dim, batch, seed=20 + chunk)
+        want = attend(q, k, v, kv_cache=reference_cache, commit=True)
+        local = [shard(x, rank, world_size) for x in (q, k, v)]
+        got = strategy.self_attention(*local, kv_cache=cp_cache, commit=True)
+        check_close(
+            f"{name} chunk {chunk} rank {rank}",
+            got[:, :num_valid],
+            shard(want, rank, world_size)[:, :num_valid],
+        )
+
+
 def ring_and_ulysses_checks(rank, world_size):
     mesh = build_cp_mesh(ParallelDims(world_size, ulysses_degree=1))
     group = mesh.ring_group
@@ -123,24 +147,20 @@ def ring_and_ulysses_checks(rank, world_size):
     def ring_serial(q, k, v, m):
         return ring_attention(q, k, v, m, group, overlap=False)
 
-    def ulysses(q, k, v, m):
-        return ulysses_attention(q, k, v, m, group)
-
     # Divisible and non-divisible token counts (padding masked).
     for num_tokens in (4 * world_size, 4 * world_size + 1, 4 * world_size - 1):
         out = cp_case(ring, rank, world_size, num_tokens, num_tokens, 1, f"ring L={num_tokens}")
         serial = cp_case(ring_serial, rank, world_size, num_tokens, num_tokens, 1, "ring serial")
         assert torch.equal(out, serial), "overlapped and serial ring must be bit-identical"
+        streaming_case(mesh, rank, world_size, num_tokens, f"ring streaming L={num_tokens}")
         if 4 % world_size == 0:
-            cp_case(ulysses, rank, world_size, num_tokens, num_tokens, 1, f"ulysses L={num_tokens}")
+            ulysses_mesh = build_cp_mesh(ParallelDims(world_size, ulysses_degree=world_size))
+            name = f"ulysses streaming L={num_tokens}"
+            streaming_case(ulysses_mesh, rank, world_size, num_tokens, name)
     # K/V longer than Q: cache + current chunk.
     cache_plus_current_case(ring, rank, world_size, "ring")
     unequal_shards_case(ring, rank, world_size, "ring", masked=True)
     unequal_shards_case(ring, rank, world_size, "ring", masked=False)
-    if 4 % world_size == 0:
-        cache_plus_current_case(ulysses, rank, world_size, "ulysses")
-        unequal_shards_case(ulysses, rank, world_size, "ulysses", masked=True)
-        unequal_shards_case(ulysses, rank, world_size, "ulysses", masked=False)
 
     # Ring byte count: (N-1) shards of K+V (+ the mask) and one length all-gather.
     q, k, v = make_qkv(8 * world_size, 8 * world_size, seed=5)
@@ -190,14 +210,9 @@ def usp_checks(rank, world_size):
     mesh = build_cp_mesh(dims)
     assert mesh.ulysses_rank == rank % 2 and mesh.ring_rank == rank // 2
 
-    def usp(q, k, v, m):
-        return usp_attention(q, k, v, m, mesh.ulysses_group, mesh.ring_group)
-
     for num_tokens in (8, 9, 11):
-        cp_case(usp, rank, world_size, num_tokens, num_tokens, 2, f"usp L={num_tokens}")
-    cache_plus_current_case(usp, rank, world_size, "usp")
-    unequal_shards_case(usp, rank, world_size, "usp", masked=True)
-    unequal_shards_case(usp, rank, world_size, "usp", masked=False)
+        streaming_case(mesh, rank, world_size, num_tokens, f"usp streaming L={num_tokens}")
+    streaming_case(mesh, rank, world_size, 9, "usp no sink, whole-chunk window", window=9, sink=0)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])

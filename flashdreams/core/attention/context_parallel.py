@@ -40,6 +40,7 @@ from flashdreams.core.attention.backends import attention
 from flashdreams.core.attention.kv_cache import KVCache
 from flashdreams.core.attention.ring import ring_attention
 from flashdreams.core.attention.ulysses import ulysses_head_to_seq, ulysses_seq_to_head
+from flashdreams.core.distributed.comm_stats import CommStats
 from flashdreams.core.distributed.mesh import ContextParallelMesh
 from flashdreams.core.distributed.parallel_dims import ParallelDims
 from flashdreams.core.distributed.sharding import slots_per_rank
@@ -170,15 +171,22 @@ class ContextParallelSelfAttention:
         mesh: the CP mesh (``cp_degree > 1``).
         backend: attention backend name or ``"auto"``.
         overlap: ring only: overlap the next K/V transfer with compute.
+        comm_stats: optional counter of the bytes each exchange sends (benchmarks).
     """
 
     def __init__(
-        self, mesh: ContextParallelMesh, *, backend: str = "auto", overlap: bool = True
+        self,
+        mesh: ContextParallelMesh,
+        *,
+        backend: str = "auto",
+        overlap: bool = True,
+        comm_stats: CommStats | None = None,
     ) -> None:
         assert mesh.cp_degree > 1, "ContextParallelSelfAttention needs more than one rank"
         self.mesh = mesh
         self.backend = backend
         self.overlap = overlap
+        self.comm_stats = comm_stats
 
     @property
     def supports_relative_rope(self) -> bool:
@@ -266,12 +274,12 @@ class ContextParallelSelfAttention:
                 f"expected {layout.num_slots} token slots on this rank for a {layout.num_tokens}-"
                 f"token chunk, got {q.shape[1]}"
             )
-        mesh = self.mesh
+        mesh, stats = self.mesh, self.comm_stats
         if mesh.ulysses_group is not None:
             # [B, S, H, D] -> [B, U*S, H/U, D]
-            q = ulysses_seq_to_head(q, mesh.ulysses_group)
-            k = ulysses_seq_to_head(k, mesh.ulysses_group)
-            v = ulysses_seq_to_head(v, mesh.ulysses_group)
+            q = ulysses_seq_to_head(q, mesh.ulysses_group, stats)
+            k = ulysses_seq_to_head(k, mesh.ulysses_group, stats)
+            v = ulysses_seq_to_head(v, mesh.ulysses_group, stats)
         num_real = layout.num_block_tokens
         k_all, v_all, _ = kv_cache.stage(k[:, :num_real], v[:, :num_real])
         if relative_rope is not None:
@@ -294,12 +302,13 @@ class ContextParallelSelfAttention:
                 overlap=self.overlap,
                 shard_lens=kv_cache.ring_shard_lengths(),
                 backend=self.backend,
+                comm_stats=stats,
             )
         else:
             out = attention(q, k_all, v_all, None, backend=self.backend)
         if mesh.ulysses_group is not None:
             # [B, U*S, H/U, D] -> [B, S, H, D]
-            out = ulysses_head_to_seq(out, mesh.ulysses_group)
+            out = ulysses_head_to_seq(out, mesh.ulysses_group, stats)
         if commit:
             kv_cache.commit(num_real)
         return out

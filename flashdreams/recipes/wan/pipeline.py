@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,13 +16,16 @@ from flashdreams.infra.pipeline import (
 )
 from flashdreams.recipes.wan.encoders import CLIPImageEncoderConfig, UMT5TextEncoderConfig
 
+if TYPE_CHECKING:
+    from flashdreams.recipes.wan.transformer import Wan21Transformer, Wan22Transformer
+
 
 @dataclass(kw_only=True)
 class WanInferencePipelineConfig(StreamInferencePipelineConfig):
     """Config for the Wan inference pipeline.
 
     The inherited ``encoder`` slot selects the mode: ``None`` for T2V, a
-    :class:`~flashdreams.recipes.wan.i2v.WanI2VCtrlEncoderConfig` for I2V.
+    :class:`~flashdreams.recipes.wan.i2v_encoder.WanI2VCtrlEncoderConfig` for I2V.
     """
 
     _target: type[WanInferencePipeline] = field(default_factory=lambda: WanInferencePipeline)
@@ -76,15 +79,17 @@ class WanInferencePipeline(StreamInferencePipeline):
 
     # ------------------------------------------------------------------ rollout
     @property
+    def transformer(self) -> Wan21Transformer | Wan22Transformer:
+        """The Wan transformer (2.1, or 2.2 with its two branches)."""
+        return self.diffusion_model.transformer  # type: ignore[return-value]
+
+    @property
     def _batch_shape(self) -> tuple[int, ...]:
-        transformer_config = self.diffusion_model.transformer.config
-        if hasattr(transformer_config, "batch_shape"):
-            return tuple(transformer_config.batch_shape)
-        return tuple(transformer_config.transformer_high_noise.batch_shape)
+        return self.transformer.batch_shape
 
     @property
     def _guidance_scale(self) -> float:
-        return float(getattr(self.diffusion_model.transformer.config, "guidance_scale", 1.0))
+        return self.transformer.guidance_scale
 
     def _latent_size_from_image(
         self, image: torch.Tensor, height: int | None, width: int | None
@@ -202,10 +207,7 @@ class WanInferencePipeline(StreamInferencePipeline):
         )
 
     def _num_latent_frames_per_chunk(self) -> int:
-        transformer_config = self.diffusion_model.transformer.config
-        if hasattr(transformer_config, "len_t"):
-            return int(transformer_config.len_t)
-        return int(transformer_config.transformer_high_noise.len_t)
+        return self.transformer.len_t
 
     @torch.no_grad()
     def generate(  # type: ignore[override]

@@ -243,6 +243,26 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
 
     # ---------------------------------------------------------------- layout
     @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading batch dims of the latent."""
+        return tuple(self.config.batch_shape)
+
+    @property
+    def len_t(self) -> int:
+        """Latent frames per chunk."""
+        return self.config.len_t
+
+    @property
+    def guidance_scale(self) -> float:
+        """CFG scale (1.0: no CFG)."""
+        return self.config.guidance_scale
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """Patch size ``(kt, kh, kw)`` of the network."""
+        return tuple(self.config.network.patch_size)  # type: ignore[return-value]
+
+    @property
     def patch_volume(self) -> int:
         return math.prod(self.config.network.patch_size)
 

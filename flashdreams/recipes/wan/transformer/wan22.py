@@ -132,6 +132,26 @@ class Wan22Transformer(Transformer[Wan22TransformerCache]):
         """Per-rank latent shape (both branches share it, checked by the config)."""
         return self.transformer_high_noise.latent_shape
 
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading batch dims of the latent (shared by the branches)."""
+        return self.transformer_high_noise.batch_shape
+
+    @property
+    def len_t(self) -> int:
+        """Latent frames per chunk (shared by the branches)."""
+        return self.transformer_high_noise.len_t
+
+    @property
+    def guidance_scale(self) -> float:
+        """Always 1.0: Wan 2.2 here has no CFG."""
+        return 1.0
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """Patch size ``(kt, kh, kw)`` (shared by the branches)."""
+        return self.transformer_high_noise.patch_size
+
     def initialize_autoregressive_cache(
         self,
         *,
