@@ -72,11 +72,6 @@ class DistributedContext:
         """True when a default process group exists."""
         return self.backend is not None
 
-    @property
-    def is_rank_zero(self) -> bool:
-        """True on the rank that writes files and decodes."""
-        return self.rank == 0
-
 
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
     """Expand a compressed SLURM node list, e.g. ``"gpu[01-03,07],login1"``.

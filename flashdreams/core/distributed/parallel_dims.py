@@ -86,11 +86,6 @@ class ParallelDims:
         return self.ulysses_degree * self.ring_degree
 
     @property
-    def cp_enabled(self) -> bool:
-        """True when tokens are sharded over more than one rank."""
-        return self.cp_degree > 1
-
-    @property
     def method(self) -> Literal["none", "ring", "ulysses", "usp"]:
         """Which attention scheme these degrees select."""
         if self.cp_degree == 1:
