@@ -20,18 +20,13 @@ traffic and the per-rank text K/V (both prompts vs one). Median of
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distributed"))
-
-from _spawn import run_on_ranks  # noqa: E402
-
 from flashdreams.core.distributed.plan import build_parallel_plan
 from flashdreams.recipes.wan import Wan21TransformerConfig, WanDiTNetworkConfig  # noqa: E402
+from flashdreams.testing import run_on_ranks
 
 NUM_FRAMES, LATENT_HEIGHT, LATENT_WIDTH = 3, 30, 52
 TEXT_LEN, TEXT_DIM = 32, 64

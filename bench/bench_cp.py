@@ -60,7 +60,7 @@ def _worker(rank, world_size, port, fn, args, queue):
         queue.put(result)
     dist.barrier()
     dist.destroy_process_group()
-    os._exit(0)  # see tests/distributed/_spawn.py: skip gloo teardown
+    os._exit(0)  # see flashdreams/testing/distributed.py: skip gloo teardown
 
 
 def spawn(fn, world_size, *args):

@@ -11,17 +11,12 @@ machine budget). Median of 3 timed steps after one warm-up step.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "distributed"))
-
-from _spawn import run_on_ranks  # noqa: E402
-
-from flashdreams.recipes.wan import Wan21TransformerConfig, WanDiTNetworkConfig  # noqa: E402
+from flashdreams.recipes.wan import Wan21TransformerConfig, WanDiTNetworkConfig
+from flashdreams.testing import run_on_ranks
 
 NUM_FRAMES, LATENT_HEIGHT, LATENT_WIDTH = 3, 60, 104
 NUM_REPEATS = 3

@@ -11,7 +11,12 @@ from loguru import logger
 
 from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.config import InstantiateConfig
-from flashdreams.infra.decoder import DecoderConfig, StreamingDecoder, StreamingDecoderCacheT
+from flashdreams.infra.decoder import (
+    DecoderConfig,
+    StreamingDecoder,
+    StreamingDecoderCacheT,
+    StreamingVideoDecoder,
+)
 from flashdreams.infra.diffusion.model import DiffusionModel, DiffusionModelConfig, FinalState
 from flashdreams.infra.diffusion.transformer import TransformerCacheT
 from flashdreams.infra.encoder import EncoderConfig, StreamingEncoder, StreamingEncoderCacheT
@@ -95,6 +100,32 @@ class StreamInferencePipeline(
     @property
     def device(self) -> torch.device:
         return self.diffusion_model.device
+
+    @property
+    def spatial_compression_ratio(self) -> int:
+        """Pixel side / latent side of the video decoder (1 without one)."""
+        if isinstance(self.decoder, StreamingVideoDecoder):
+            return int(self.decoder.spatial_compression_ratio)
+        return 1
+
+    @property
+    def spatial_patch_size(self) -> tuple[int, int]:
+        """The transformer's ``(height, width)`` patch size, in latent cells."""
+        return self.diffusion_model.transformer.spatial_patch_size
+
+    def clean_latent(self, cache: StreamInferencePipelineCache) -> torch.Tensor | None:
+        """This rank's (patchified, possibly sharded) clean latent of the latest ``generate``;
+        ``None`` once it was finalized. No communication."""
+        final_state = cache.final_state
+        return None if final_state is None else final_state.clean_latent
+
+    def gather_clean_latent(self, cache: StreamInferencePipelineCache) -> torch.Tensor | None:
+        """The latest clean latent ``[*batch, T, C, H, W]`` gathered on the output rank,
+        ``None`` elsewhere. Collective under context parallelism: every rank calls it."""
+        local = self.clean_latent(cache)
+        if local is None:
+            return None
+        return self.diffusion_model.transformer.unpatchify_and_maybe_gather_cp(local)
 
     def initialize_cache(
         self,

@@ -13,8 +13,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError)
-"""Exceptions reported as a one-paragraph error instead of a traceback."""
+USER_ERRORS = (KeyError, ValueError, FileNotFoundError)
+"""Exceptions reported as a one-paragraph error instead of a traceback (bad input). A
+``TypeError`` is a programming error: it is reported as a run-time failure."""
 
 EXIT_USER_ERROR = 2
 
@@ -114,109 +115,137 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
     chunk was written yet, rank 0 removes the files and directories this run created
     (:mod:`flashdreams.launch.run_dir`), and nothing else.
     """
-    from loguru import logger
-
-    from flashdreams.launch.distributed import (
-        broadcast_from_rank0,
-        init_distributed,
-        shutdown_distributed,
+    from flashdreams.core.distributed import shutdown_distributed
+    from flashdreams.launch.distributed import start_process_group
+    from flashdreams.launch.run_config import (
+        build_run_config,
+        run_config_to_container,
+        run_config_yaml,
     )
-    from flashdreams.launch.run_config import build_run_config, run_config_to_container
-    from flashdreams.launch.run_dir import claim_run_dir
     from flashdreams.launch.validate import validate_before_work
     from flashdreams.runner.runner import RunContext
-    from flashdreams.runner.safety import (
-        FailureReport,
-        PeerRankFailed,
-        RankFailureChannel,
-        RunInterrupted,
-        StopGuard,
-    )
+    from flashdreams.runner.safety import RankFailureChannel, StopGuard
 
     run_config = build_run_config(container)
     validate_before_work(run_config)  # before any directory is created or weight loaded
-    resolved = run_config_to_container(run_config)
-    context = init_distributed(run_config.parallel.backend, run_config.parallel.init_timeout_s)
-    sink_ids: list[int] = []
-    channel = None
-    runner = None
-    claimed = None
+    config_yaml = run_config_yaml(run_config_to_container(run_config))
+    context = start_process_group(run_config.parallel.backend, run_config.parallel.init_timeout_s)
+    job = _JobState()
     with StopGuard() as guard:
         try:
             if context.world_size > 1:
-                channel = RankFailureChannel.from_environment(rank=context.rank, guard=guard)
-                channel.start()
+                job.channel = RankFailureChannel.from_environment(rank=context.rank, guard=guard)
+                job.channel.start()
             plan = run_config.parallel.build_plan()  # validated once, groups created once
-            run_dir = None
-            if context.rank == 0:
-                claimed = claim_run_dir(
-                    run_config.runner.output_dir,
-                    run_config.pipeline.name,
-                    job_number,
-                    overwrite=run_config.runner.overwrite,
-                )
-                run_dir = claimed.path
-            run_dir = Path(str(broadcast_from_rank0(str(run_dir), context)))
-            sink_ids = configure_logging(context.rank, run_dir)
-            device = str(context.device)
-            logger.info(
-                f"pipeline '{run_config.pipeline.name}' on {context.world_size} rank(s), "
-                f"device {device}, run directory {run_dir}"
-            )
-            if claimed is not None and claimed.removed_previous:
-                logger.warning(
-                    f"runner.overwrite=true: deleted the earlier run's "
-                    f"{', '.join(claimed.removed_previous)} in {run_dir}"
-                )
-            runner = run_config.runner.setup(
+            run_dir = _agree_on_run_dir(run_config, context, job_number, job)
+            job.runner = run_config.runner.setup(
                 pipeline_config=run_config.pipeline,
                 context=RunContext(
                     run_dir=run_dir,
                     rank=context.rank,
                     world_size=context.world_size,
-                    device=device,
-                    resolved_config=resolved,
+                    device=str(context.device),
+                    config_yaml=config_yaml,
                     stop_guard=guard,
                     parallel=plan,
                 ),
             )
-            stats = runner.run()
-            if channel is not None:
-                channel.stop()
+            stats = job.runner.run()
+            if job.channel is not None:
+                job.channel.stop()
             # Success path only: after a failure the process exits non-zero; the other
             # ranks learn it from the failure channel (or the launcher tears them down).
             shutdown_distributed(context)
             return stats if context.rank == 0 else None
         except BaseException as error:
-            progress = getattr(runner, "progress", None)
-            report = FailureReport(
-                rank=context.rank,
-                autoregressive_index=getattr(progress, "autoregressive_index", None),
-                stage=getattr(progress, "stage", "start-up"),
-                message=f"{type(error).__name__}: {error}",
-            )
-            if channel is not None and not isinstance(error, (PeerRankFailed, RunInterrupted)):
-                channel.post(report)
-            if sink_ids and not isinstance(error, (PeerRankFailed, RunInterrupted)):
-                logger.opt(exception=error).debug(f"rank {context.rank} failed")
-            num_chunks_written = getattr(progress, "num_chunks_written", 0)
-            if isinstance(error, RunInterrupted):
-                error.num_chunks_written = num_chunks_written
-            nothing_written = num_chunks_written == 0
-            if claimed is not None and nothing_written:
-                remove_log_sinks(sink_ids)
-                claimed.remove_unfinished()
-            if isinstance(error, (*USER_ERRORS, PeerRankFailed, RunInterrupted)) or not isinstance(
-                error, Exception
-            ):
-                raise
-            raise RunFailed(report) from error
+            _handle_failure(error, context.rank, job)
         finally:
-            if channel is not None:
-                channel.stop()
-            remove_log_sinks(sink_ids)
-            if claimed is not None:
-                claimed.release()
+            job.close()
+    raise AssertionError("unreachable: the try block returns or raises")
+
+
+class _JobState:
+    """What :func:`run` holds while a job runs, for its failure path and clean-up."""
+
+    def __init__(self) -> None:
+        self.channel: Any = None
+        """Rank-failure channel (several ranks only)."""
+        self.runner: Any = None
+        """The runner, once built (its progress says where a failure happened)."""
+        self.claimed: Any = None
+        """Rank 0's claimed run directory."""
+        self.sink_ids: list[int] = []
+        """Log sinks of this job."""
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.stop()
+        remove_log_sinks(self.sink_ids)
+        if self.claimed is not None:
+            self.claimed.release()
+
+
+def _agree_on_run_dir(
+    run_config: Any, context: Any, job_number: int | None, job: _JobState
+) -> Path:
+    """Rank 0 claims the run directory and broadcasts it; every rank starts logging there."""
+    from loguru import logger
+
+    from flashdreams.launch.distributed import broadcast_from_rank0
+    from flashdreams.launch.run_dir import claim_run_dir
+
+    run_dir = None
+    if context.rank == 0:
+        job.claimed = claim_run_dir(
+            run_config.runner.output_dir,
+            run_config.pipeline.name,
+            job_number,
+            overwrite=run_config.runner.overwrite,
+        )
+        run_dir = job.claimed.path
+    run_dir = Path(str(broadcast_from_rank0(str(run_dir), context)))
+    job.sink_ids = configure_logging(context.rank, run_dir)
+    logger.info(
+        f"pipeline '{run_config.pipeline.name}' on {context.world_size} rank(s), "
+        f"device {context.device}, run directory {run_dir}"
+    )
+    if job.claimed is not None and job.claimed.removed_previous:
+        logger.warning(
+            f"runner.overwrite=true: deleted the earlier run's "
+            f"{', '.join(job.claimed.removed_previous)} in {run_dir}"
+        )
+    return run_dir
+
+
+def _handle_failure(error: BaseException, rank: int, job: _JobState) -> None:
+    """Tell the other ranks, log, clean up an empty run directory, then raise."""
+    from loguru import logger
+
+    from flashdreams.runner.safety import FailureReport, PeerRankFailed, RunInterrupted
+
+    progress = getattr(job.runner, "progress", None)
+    report = FailureReport(
+        rank=rank,
+        autoregressive_index=getattr(progress, "autoregressive_index", None),
+        stage=getattr(progress, "stage", "start-up"),
+        message=f"{type(error).__name__}: {error}",
+    )
+    own_failure = not isinstance(error, (PeerRankFailed, RunInterrupted))
+    if job.channel is not None and own_failure:
+        job.channel.post(report)
+    if job.sink_ids and own_failure:
+        logger.opt(exception=error).debug(f"rank {rank} failed")
+    num_chunks_written = getattr(progress, "num_chunks_written", 0)
+    if isinstance(error, RunInterrupted):
+        error.num_chunks_written = num_chunks_written
+    if job.claimed is not None and num_chunks_written == 0:
+        remove_log_sinks(job.sink_ids)
+        job.claimed.remove_unfinished()
+    if isinstance(error, (*USER_ERRORS, PeerRankFailed, RunInterrupted)) or not isinstance(
+        error, Exception
+    ):
+        raise error
+    raise RunFailed(report) from error
 
 
 def _rank_prefix() -> str:

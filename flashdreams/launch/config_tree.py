@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import functools
 import importlib
-import sys
 import types
 import typing
 from collections.abc import Callable
@@ -85,33 +85,32 @@ TRANSFORM_ENTRY_POINT_GROUP = "flashdreams.state_dict_transforms"
 """Entry-point group through which plugins register more named transforms."""
 
 
+@functools.cache
 def _plugin_transforms() -> dict[str, str]:
+    """Transforms named by installed plugins; the entry points are read once per process."""
     from importlib import metadata
 
     return {ep.name: ep.value for ep in metadata.entry_points(group=TRANSFORM_ENTRY_POINT_GROUP)}
 
 
 def known_state_dict_transforms() -> dict[str, str]:
-    """Built-in names plus those registered by installed plugins."""
+    """Built-in and registered names plus those of installed plugins (built-ins win)."""
     return {**_plugin_transforms(), **STATE_DICT_TRANSFORMS}
 
 
 def resolve_state_dict_transform(name: str, path: str) -> Callable[..., Any]:
-    if name not in STATE_DICT_TRANSFORMS:
-        STATE_DICT_TRANSFORMS.update(
-            {k: v for k, v in _plugin_transforms().items() if k not in STATE_DICT_TRANSFORMS}
-        )
-    if name not in STATE_DICT_TRANSFORMS:
+    known = known_state_dict_transforms()
+    if name not in known:
         raise ConfigError(
             f"{path}: unknown state_dict_transform '{name}'; known transforms: "
-            f"{', '.join(sorted(STATE_DICT_TRANSFORMS))}"
+            f"{', '.join(sorted(known))}"
         )
     try:
-        return _import_attribute(STATE_DICT_TRANSFORMS[name])
+        return _import_attribute(known[name])
     except (ImportError, AttributeError) as error:
         raise ConfigError(
-            f"{path}: state_dict_transform '{name}' points at "
-            f"{STATE_DICT_TRANSFORMS[name]}, which cannot be imported: {error}"
+            f"{path}: state_dict_transform '{name}' points at {known[name]}, which cannot be "
+            f"imported: {error}"
         ) from error
 
 
@@ -161,22 +160,14 @@ def _class_path(config_class: type) -> str:
 
 
 def _field_types(config_class: type) -> dict[str, Any]:
-    """Resolved annotations of the dataclass fields; unresolvable ones map to ``Any``."""
+    """Resolved annotations of the dataclass fields (``typing.get_type_hints``)."""
     try:
         return typing.get_type_hints(config_class)
-    except Exception:
-        pass
-    resolved: dict[str, Any] = {}
-    for klass in reversed(config_class.__mro__):
-        module_globals = vars(sys.modules.get(klass.__module__, types.ModuleType("x")))
-        for name, annotation in getattr(klass, "__annotations__", {}).items():
-            if isinstance(annotation, str):
-                try:
-                    annotation = eval(annotation, dict(module_globals), dict(vars(klass)))  # noqa: S307
-                except Exception:
-                    annotation = Any
-            resolved[name] = annotation
-    return resolved
+    except NameError as error:
+        raise ConfigError(
+            f"config class {_class_path(config_class)} has an annotation that cannot be "
+            f"resolved at run time ({error}); import the name at module level"
+        ) from None
 
 
 def _is_config_class(candidate: Any) -> bool:
@@ -211,35 +202,12 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
     """Check ``value`` against ``annotation`` and convert it to the Python type."""
     import torch
 
-    if annotation is Any or annotation is typing.Any or annotation is object:
+    if annotation is Any or annotation is object:
         if isinstance(value, dict) and CONFIG_CLASS_KEY in value:
             return build_config(value, path=path)
         return value
-    members = _union_members(annotation)
-    if members is not None:
-        if value is None:
-            if type(None) in members:
-                return None
-            raise ConfigError(f"{path}: null is not allowed (expected {_type_name(annotation)})")
-        non_none = [member for member in members if member is not type(None)]
-        if isinstance(value, dict):
-            config_members = [m for m in non_none if _is_config_class(m)]
-            if config_members:
-                return build_config(
-                    value, path=path, default_class=config_members[0], allowed=config_members
-                )
-        if len(non_none) == 1:
-            return _convert(value, non_none[0], path)
-        errors = []
-        for member in non_none:
-            try:
-                return _convert(value, member, path)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(
-            f"{path}: {value!r} does not match {_type_name(annotation)}"
-            + (f" ({errors[0]})" if len(errors) == 1 else "")
-        )
+    if _union_members(annotation) is not None:
+        return _convert_union(value, annotation, path)
     if value is None:
         raise ConfigError(f"{path}: null is not allowed (expected {_type_name(annotation)})")
     if _is_config_class(annotation):
@@ -249,75 +217,129 @@ def _convert(value: Any, annotation: Any, path: str) -> Any:
             )
         return build_config(value, path=path, default_class=annotation, allowed=[annotation])
     if _is_callable_annotation(annotation):
-        if callable(value):
-            return value
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected the name of a registered transform, got {value!r}")
-        return resolve_state_dict_transform(value, path)
+        return _convert_callable(value, path)
     if annotation is torch.dtype:
-        if isinstance(value, torch.dtype):
-            return value
-        name = str(value).removeprefix("torch.")
-        if name not in _DTYPE_NAMES:
-            raise ConfigError(
-                f"{path}: unknown dtype {value!r}; use one of {', '.join(_DTYPE_NAMES)}"
-            )
-        return getattr(torch, name)
+        return _convert_dtype(value, path)
     origin = typing.get_origin(annotation)
-    if origin is typing.Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices:
-            raise ConfigError(
-                f"{path}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
-            )
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        args = typing.get_args(annotation)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(item, args[0], f"{path}[{i}]") for i, item in enumerate(value))
-        if args and len(args) != len(value):
-            raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-        if not args:
-            return tuple(value)
-        return tuple(
-            _convert(item, arg, f"{path}[{i}]") for i, (item, arg) in enumerate(zip(value, args))
-        )
-    if origin in (list, collections.abc.Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation) or (Any,)
-        return [_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
-    if origin in (dict, collections.abc.Mapping):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        args = typing.get_args(annotation)
-        value_type = args[1] if len(args) == 2 else Any
-        return {key: _convert(item, value_type, f"{path}.{key}") for key, item in value.items()}
+    if origin in _CONVERT_BY_ORIGIN:
+        return _CONVERT_BY_ORIGIN[origin](value, annotation, path)
     if origin is type or annotation is type:
         raise ConfigError(f"{path}: class fields cannot be set from YAML")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    if isinstance(annotation, type):
-        if isinstance(value, annotation):
-            return value
+    if annotation in _SCALARS:
+        accepts, expected = _SCALARS[annotation]
+        if not accepts(value):
+            raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+        return float(value) if annotation is float else value
+    if isinstance(annotation, type) and not isinstance(value, annotation):
         raise ConfigError(f"{path}: expected {annotation.__name__}, got {value!r}")
     return value
+
+
+def _convert_union(value: Any, annotation: Any, path: str) -> Any:
+    members = typing.get_args(annotation)
+    if value is None:
+        if type(None) in members:
+            return None
+        raise ConfigError(f"{path}: null is not allowed (expected {_type_name(annotation)})")
+    non_none = [member for member in members if member is not type(None)]
+    config_members = [m for m in non_none if _is_config_class(m)]
+    if isinstance(value, dict) and config_members:
+        return build_config(
+            value, path=path, default_class=config_members[0], allowed=config_members
+        )
+    if len(non_none) == 1:
+        return _convert(value, non_none[0], path)
+    errors = []
+    for member in non_none:
+        try:
+            return _convert(value, member, path)
+        except ConfigError as error:
+            errors.append(str(error))
+    raise ConfigError(
+        f"{path}: {value!r} does not match {_type_name(annotation)}"
+        + (f" ({errors[0]})" if len(errors) == 1 else "")
+    )
+
+
+def _convert_callable(value: Any, path: str) -> Any:
+    if callable(value):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: expected the name of a registered transform, got {value!r}")
+    return resolve_state_dict_transform(value, path)
+
+
+def _convert_dtype(value: Any, path: str) -> Any:
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise ConfigError(f"{path}: unknown dtype {value!r}; use one of {', '.join(_DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def _convert_literal(value: Any, annotation: Any, path: str) -> Any:
+    choices = typing.get_args(annotation)
+    if value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+    return value
+
+
+def _convert_tuple(value: Any, annotation: Any, path: str) -> tuple[Any, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path}: expected a list, got {value!r}")
+    args = typing.get_args(annotation)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_convert(item, args[0], f"{path}[{i}]") for i, item in enumerate(value))
+    if not args:
+        return tuple(value)
+    if len(args) != len(value):
+        raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+    return tuple(
+        _convert(item, arg, f"{path}[{i}]")
+        for i, (item, arg) in enumerate(zip(value, args, strict=True))
+    )
+
+
+def _convert_list(value: Any, annotation: Any, path: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path}: expected a list, got {value!r}")
+    (item_type,) = typing.get_args(annotation) or (Any,)
+    return [_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
+
+
+def _convert_mapping(value: Any, annotation: Any, path: str) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+    args = typing.get_args(annotation)
+    value_type = args[1] if len(args) == 2 else Any
+    return {key: _convert(item, value_type, f"{path}.{key}") for key, item in value.items()}
+
+
+_CONVERT_BY_ORIGIN: dict[Any, Callable[[Any, Any, str], Any]] = {
+    typing.Literal: _convert_literal,
+    tuple: _convert_tuple,
+    list: _convert_list,
+    collections.abc.Sequence: _convert_list,
+    dict: _convert_mapping,
+    collections.abc.Mapping: _convert_mapping,
+}
+"""Container and literal annotations, by ``typing.get_origin``."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda value: isinstance(value, bool), "true/false"),
+    int: (lambda value: isinstance(value, int) and not isinstance(value, bool), "an integer"),
+    float: (_is_number, "a number"),
+    str: (lambda value: isinstance(value, str), "a string"),
+}
+"""Scalar annotations: ``(accepts(value), what the error message expects)``."""
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

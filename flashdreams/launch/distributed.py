@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 BACKEND_TO_DEVICE = {"auto": None, "gloo": "cpu", "nccl": "cuda"}
-"""``parallel.backend`` -> the device ``init_distributed`` is asked for."""
+"""``parallel.backend`` -> the device ``core.distributed.init_distributed`` is asked for."""
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> Any:
-    """Join the process group the environment describes; returns a ``DistributedContext``."""
+def start_process_group(backend: str = "auto", timeout_s: float = 600.0) -> Any:
+    """Join the process group the environment describes (``parallel.backend`` by name);
+    returns a ``DistributedContext``."""
     from flashdreams.core.distributed import init_distributed as core_init_distributed
 
     if backend not in BACKEND_TO_DEVICE:
@@ -22,12 +23,6 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> Any:
             f"parallel.backend must be one of {', '.join(BACKEND_TO_DEVICE)}, got {backend!r}"
         )
     return core_init_distributed(timeout_s, device=BACKEND_TO_DEVICE[backend])
-
-
-def shutdown_distributed(context: Any) -> None:
-    from flashdreams.core.distributed import shutdown_distributed as core_shutdown
-
-    core_shutdown(context)
 
 
 def broadcast_from_rank0(value: object, context: Any) -> object:

@@ -112,13 +112,6 @@ def run_config_yaml(container: dict[str, Any]) -> str:
     )
 
 
-def save_run_config(container: dict[str, Any], path: str | Path) -> None:
-    """Write the plain-data config as YAML (temporary name, then rename)."""
-    from flashdreams.runner.safety import atomic_write_text
-
-    atomic_write_text(path, run_config_yaml(container))
-
-
 def load_run_config(path: str | Path) -> RunConfig:
     """Reload a saved ``config.yaml`` into an equal :class:`RunConfig`."""
     import yaml

@@ -69,7 +69,7 @@ def discover_runners() -> dict[str, RegisteredRunner]:
         if callable(entry) and not isinstance(entry, RunnerEntry):
             entry = entry()
         if not isinstance(entry, RunnerEntry):
-            raise TypeError(
+            raise ValueError(
                 f"entry point '{entry_point.name}' = {entry_point.value} must be a "
                 f"flashdreams.runner.registry.RunnerEntry, got {type(entry).__name__}"
             )

@@ -1,11 +1,13 @@
 """Runner: the command-line-facing I/O around a streaming pipeline.
 
-The runner reads prompts and an optional first frame, builds the pipeline,
-drives the ``initialize_cache -> (generate, write, finalize) * num_chunks``
-rollout, and persists the result. Every rank runs the rollout (context
-parallelism needs all of them); only rank 0 writes files and shows progress.
-With ``runner.overlap_decode`` rank 0 decodes and writes each chunk on a
-background thread (:mod:`flashdreams.runner.overlap`) while it denoises the next.
+The runner reads prompts and an optional first frame, builds the pipeline
+with the run's parallel plan, opens one streaming session per prompt
+(:class:`~flashdreams.session.StreamingSession`: ``generate -> sink ->
+finalize`` per chunk) and persists the result. Every rank steps the session
+(context parallelism needs all of them); only rank 0 writes files and shows
+progress. With ``runner.overlap_decode`` the session's sink decodes and writes
+each chunk on a background thread
+(:class:`~flashdreams.session.BackgroundDecodeSink`) while the next is denoised.
 
 Run directory layout (written by rank 0)::
 
@@ -27,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.config import InstantiateConfig
@@ -35,8 +37,14 @@ from flashdreams.runner.safety import (
     RunInterrupted,
     StopGuard,
     atomic_write_text,
-    check_finite,
-    maybe_inject_fault,
+    fault_injection_from_environment,
+)
+from flashdreams.session import (
+    ChunkSink,
+    ChunkStats,
+    RolloutProgress,
+    RolloutStats,
+    SessionPipeline,
 )
 
 
@@ -93,8 +101,8 @@ class RunContext:
     """Number of ranks; equals the context-parallel size."""
     device: str = "cpu"
     """Torch device of this rank."""
-    resolved_config: dict[str, Any] | None = None
-    """Plain-data config of the run; rank 0 saves it as ``config.yaml``."""
+    config_yaml: str | None = None
+    """The run's resolved config as YAML text; rank 0 saves it as ``config.yaml``."""
     stop_guard: StopGuard | None = None
     """SIGTERM / peer-failure handler of the process; the runner holds stop requests back
     while a chunk is appended to the video."""
@@ -103,23 +111,19 @@ class RunContext:
     from the world size (the reference default)."""
 
 
-@dataclass
-class RolloutProgress:
-    """Where the rollout is; read by the launcher to report failures and by ``stats.json``."""
+class RunnerPipeline(SessionPipeline, Protocol):
+    """What the runner needs from a pipeline, beyond what a session needs."""
 
-    prompt_index: int = 0
-    """Prompt being rolled out."""
-    autoregressive_index: int | None = None
-    """AR step in progress, ``None`` before the first ``generate``."""
-    stage: str = "build"
-    """``build``, ``initialize``, ``generate``, ``write``, ``finalize``, ``decode`` (a failed
-    background decode, ``runner.overlap_decode``) or ``done``."""
-    last_completed_chunk: int | None = None
-    """Last AR step of the current prompt that was written and finalized."""
-    num_chunks_written: int = 0
-    """Chunks appended to any video by this run (rank 0)."""
-    stop_latency_s: float | None = None
-    """Seconds from a stop signal to the safe point where the rollout stopped."""
+    spatial_compression_ratio: int
+    """Pixel side / latent side of the decoder."""
+    spatial_patch_size: tuple[int, int]
+    """``(height, width)`` latent cells per transformer token."""
+
+    def to(self, device: Any) -> RunnerPipeline:
+        """Move to the rank's device."""
+
+    def eval(self) -> RunnerPipeline:
+        """Inference mode."""
 
 
 def _peak_host_memory_mib() -> float:
@@ -195,7 +199,11 @@ class Runner:
         validate_runner_config(config)
         self.progress = RolloutProgress()
         """Where the rollout is (read by the launcher when a run fails)."""
-        self.rollouts: list[dict[str, Any]] = []
+        self.rollouts: list[RolloutStats] = []
+        injection = fault_injection_from_environment()  # tests only; read once per run
+        self._fault_hook = (
+            None if injection is None else functools.partial(injection.fire, context.rank)
+        )
 
     # ---- inputs -------------------------------------------------------------
 
@@ -226,7 +234,7 @@ class Runner:
 
     # ---- pipeline ------------------------------------------------------------
 
-    def build_pipeline(self):
+    def build_pipeline(self) -> RunnerPipeline:
         """Seed the global RNG and build the pipeline on this rank's device."""
         import torch
 
@@ -239,23 +247,10 @@ class Runner:
         pipeline = pipeline_config.setup(parallel=self.context.parallel)
         return pipeline.to(self.context.device).eval()
 
-    @staticmethod
-    def _spatial_patch_size(pipeline: Any) -> tuple[int, int]:
-        """The transformer's (height, width) patch size, (1, 1) when it does not say."""
-        diffusion_model = getattr(pipeline, "diffusion_model", None)
-        config = getattr(getattr(diffusion_model, "transformer", None), "config", None)
-        for holder in (config, getattr(config, "transformer_high_noise", None)):
-            patch_size = getattr(getattr(holder, "network", None), "patch_size", None)
-            if patch_size is not None:
-                return int(patch_size[-2]), int(patch_size[-1])
-        return 1, 1
-
-    @classmethod
-    def _latent_size(cls, pipeline: Any, height: int, width: int) -> tuple[int, int]:
+    def _latent_size(self, pipeline: RunnerPipeline, height: int, width: int) -> tuple[int, int]:
         """Latent (height, width); ``ValueError`` naming sizes that work otherwise."""
-        decoder = getattr(pipeline, "decoder", None)
-        ratio = int(getattr(decoder, "spatial_compression_ratio", 1) or 1)
-        patch_height, patch_width = cls._spatial_patch_size(pipeline)
+        ratio = pipeline.spatial_compression_ratio
+        patch_height, patch_width = pipeline.spatial_patch_size
         multiple_height, multiple_width = ratio * patch_height, ratio * patch_width
         problems = []
         if height % multiple_height:
@@ -276,7 +271,7 @@ class Runner:
             )
         return height // ratio, width // ratio
 
-    def _check_overlap_support(self, pipeline: Any) -> None:
+    def _check_overlap_support(self, pipeline: RunnerPipeline) -> None:
         missing = [
             name
             for name in ("generate_latent", "decode_latent")
@@ -290,16 +285,7 @@ class Runner:
                 f"{' and '.join(missing)}. Set runner.overlap_decode=false"
             )
 
-    @staticmethod
-    def _chunk_latent(pipeline: Any, cache: Any):
-        """Unpatchified (CP-gathered) clean latent of the latest ``generate``, if reachable."""
-        final_state = getattr(cache, "final_state", None)
-        if final_state is None:
-            return None
-        transformer = pipeline.diffusion_model.transformer
-        return transformer.unpatchify_and_maybe_gather_cp(final_state.clean_latent)
-
-    # ---- rollout ---------------------------------------------------------------
+    # ---- run -----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         """Roll out every prompt; returns the stats that rank 0 writes to ``stats.json``.
@@ -309,108 +295,114 @@ class Runner:
         ``interrupted`` or ``failed`` and the last completed chunk; then the
         exception propagates.
         """
-        import torch
         from loguru import logger
 
-        context = self.context
-        run_dir = context.run_dir
-        prompts = self.prompts()
-        if self.is_writer:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if context.resolved_config is not None:
-                from flashdreams.launch.run_config import run_config_yaml
-
-                atomic_write_text(run_dir / "config.yaml", run_config_yaml(context.resolved_config))
-
         started = time.perf_counter()
+        prompts = self.prompts()
+        self._prepare_run_dir()
         pipeline = self.build_pipeline()
         build_s = time.perf_counter() - started
         logger.info(f"built pipeline '{self.pipeline_config.name}' in {build_s:.2f} s")
-        latent_height, latent_width = self._latent_size(
-            pipeline, self.config.height, self.config.width
-        )
+        if self.config.overlap_decode:
+            self._check_overlap_support(pipeline)
+        latent_size = self._latent_size(pipeline, self.config.height, self.config.width)
         stats: dict[str, Any] = {
             "status": "running",
             "pipeline": self.pipeline_config.name,
-            "world_size": context.world_size,
+            "world_size": self.context.world_size,
             "cp_layout": self._cp_layout(),
-            "device": str(context.device),
+            "device": str(self.context.device),
             "build_s": build_s,
         }
-
-        worker = None
-        if self.config.overlap_decode:
-            self._check_overlap_support(pipeline)
-            if self.is_writer:
-                from flashdreams.runner.overlap import BackgroundChunkWorker
-
-                worker = BackgroundChunkWorker(context.device)
-        all_latents: dict[str, torch.Tensor] = {}
         diffusion_model = getattr(pipeline, "diffusion_model", None)
         if diffusion_model is not None and hasattr(diffusion_model, "before_denoising_step"):
             diffusion_model.before_denoising_step = self._check_stop_between_steps
         try:
-            for prompt_index, prompt in enumerate(prompts):
-                self.progress.prompt_index = prompt_index
-                self.progress.last_completed_chunk = None
-                name = "video.mp4" if len(prompts) == 1 else f"video_{prompt_index:03d}.mp4"
-                rollout: dict[str, Any] = {"prompt": prompt, "video": name, "chunks": []}
-                self.rollouts.append(rollout)
-                with self._deferred_stop():
-                    latents = self._rollout(
-                        pipeline, prompt, run_dir / name, latent_height, latent_width, rollout,
-                        worker,
-                    )  # fmt: skip
-                if latents is not None:
-                    key = "latents" if len(prompts) == 1 else f"latents_{prompt_index:03d}"
-                    all_latents[key] = latents
+            all_latents = self._run_prompts(pipeline, prompts, latent_size)
         except BaseException as error:
-            if self.is_writer and self.progress.num_chunks_written > 0:
-                interrupted = isinstance(error, RunInterrupted) or (
-                    context.stop_guard is not None and context.stop_guard.interrupted
-                )
-                stats["status"] = "interrupted" if interrupted else "failed"
-                stats["error"] = f"{type(error).__name__}: {error}"
-                if self.progress.stop_latency_s is not None:
-                    stats["stop_latency_s"] = self.progress.stop_latency_s
-                self._finish_stats(stats, started)
-                self._write_stats(stats)
-                logger.warning(
-                    f"run {stats['status']}: {self.progress.num_chunks_written} chunk(s) kept in "
-                    f"{run_dir} (last completed AR step {self.progress.last_completed_chunk})"
-                )
+            self._record_failure(stats, error, started)
             raise
-        finally:
-            if worker is not None:
-                worker.close()
+        self._record_success(stats, all_latents, started)
+        return stats
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0: create the run directory and save the config."""
+        if not self.is_writer:
+            return
+        run_dir = self.context.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.context.config_yaml is not None:
+            atomic_write_text(run_dir / "config.yaml", self.context.config_yaml)
+
+    def _run_prompts(
+        self, pipeline: RunnerPipeline, prompts: list[str], latent_size: tuple[int, int]
+    ) -> dict[str, Any]:
+        """One rollout per prompt; returns the kept latents by safetensors key."""
+        all_latents: dict[str, Any] = {}
+        for prompt_index, prompt in enumerate(prompts):
+            self.progress.prompt_index = prompt_index
+            self.progress.last_completed_chunk = None
+            single = len(prompts) == 1
+            name = "video.mp4" if single else f"video_{prompt_index:03d}.mp4"
+            with self._deferred_stop():
+                latents = self._rollout(pipeline, prompt, name, latent_size)
+            if latents is not None:
+                all_latents["latents" if single else f"latents_{prompt_index:03d}"] = latents
+        return all_latents
+
+    def _record_failure(self, stats: dict[str, Any], error: BaseException, started: float) -> None:
+        """Rank 0, after chunks were written: ``stats.json`` says interrupted / failed."""
+        from loguru import logger
+
+        if not (self.is_writer and self.progress.num_chunks_written > 0):
+            return
+        guard = self.context.stop_guard
+        interrupted = isinstance(error, RunInterrupted) or (guard is not None and guard.interrupted)
+        stats["status"] = "interrupted" if interrupted else "failed"
+        stats["error"] = f"{type(error).__name__}: {error}"
+        if self.progress.stop_latency_s is not None:
+            stats["stop_latency_s"] = self.progress.stop_latency_s
+        self._finish_stats(stats, started)
+        self._write_stats(stats)
+        logger.warning(
+            f"run {stats['status']}: {self.progress.num_chunks_written} chunk(s) kept in "
+            f"{self.context.run_dir} (last completed AR step {self.progress.last_completed_chunk})"
+        )
+
+    def _record_success(
+        self, stats: dict[str, Any], all_latents: dict[str, Any], started: float
+    ) -> None:
+        import torch
+        from loguru import logger
 
         self.progress.stage = "done"
         stats["status"] = "completed"
         self._finish_stats(stats, started)
         first = self.rollouts[0]
-        stats["first_chunk_latency_s"] = first["first_chunk_latency_s"]
-        stats["steady_fps"] = first["steady_fps"]
-        stats["chunks"] = first["chunks"]
+        stats["first_chunk_latency_s"] = first.first_chunk_latency_s
+        stats["steady_fps"] = first.steady_fps
+        stats["chunks"] = [chunk.to_dict() for chunk in first.chunks]
         if torch.cuda.is_available():
             stats["cuda_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 1024**3
-        if self.is_writer:
-            if all_latents:
-                from safetensors.torch import save_file
+        if not self.is_writer:
+            return
+        if all_latents:
+            from safetensors.torch import save_file
 
-                save_file(
-                    {k: v.detach().float().cpu().contiguous() for k, v in all_latents.items()},
-                    str(run_dir / "latents.safetensors"),
-                )
-            self._write_stats(stats)  # last: its presence with status "completed" marks success
-            steady = (
-                f"steady {stats['steady_fps']:.2f} FPS"
-                if stats["steady_fps"]
-                else "no steady FPS with one chunk"
+            save_file(
+                {k: v.detach().float().cpu().contiguous() for k, v in all_latents.items()},
+                str(self.context.run_dir / "latents.safetensors"),
             )
-            logger.info(
-                f"wrote {run_dir} (first chunk {stats['first_chunk_latency_s']:.2f} s, {steady})"
-            )
-        return stats
+        self._write_stats(stats)  # last: its presence with status "completed" marks success
+        steady = (
+            f"steady {stats['steady_fps']:.2f} FPS"
+            if stats["steady_fps"]
+            else "no steady FPS with one chunk"
+        )
+        logger.info(
+            f"wrote {self.context.run_dir} (first chunk {stats['first_chunk_latency_s']:.2f} s, "
+            f"{steady})"
+        )
 
     def _finish_stats(self, stats: dict[str, Any], started: float) -> None:
         stats["prompt_index"] = self.progress.prompt_index
@@ -418,9 +410,9 @@ class Runner:
         stats["num_chunks_written"] = self.progress.num_chunks_written
         stats["total_s"] = time.perf_counter() - started
         stats["peak_host_memory_mib"] = _peak_host_memory_mib()
-        stats["rollouts"] = self.rollouts
+        stats["rollouts"] = [rollout.to_dict() for rollout in self.rollouts]
         if stats["status"] != "completed" and self.rollouts:
-            stats["chunks"] = self.rollouts[-1]["chunks"]
+            stats["chunks"] = stats["rollouts"][-1]["chunks"]
 
     def _write_stats(self, stats: dict[str, Any]) -> None:
         atomic_write_text(self.context.run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
@@ -474,206 +466,90 @@ class Runner:
             return {"world_size": self.context.world_size, "cp_size": self.context.world_size}
         return self.context.parallel.describe()
 
-    def _progress(self, total: int, prompt: str):
-        if not self.is_writer or not sys.stderr.isatty():
-            return None
-        from tqdm import tqdm
+    # ---- one rollout -------------------------------------------------------------------------
 
-        return tqdm(total=total, desc=prompt[:40], unit="chunk", file=sys.stderr)
+    def _make_sink(self, video_path: Path) -> ChunkSink:
+        """The inline sink, or the background one with ``runner.overlap_decode``; rank 0 writes."""
+        from flashdreams.runner.video import Mp4Writer
+        from flashdreams.session import BackgroundDecodeSink, InlineDecodeSink
+
+        writer = Mp4Writer(video_path, fps=self.config.fps) if self.is_writer else None
+        check = self.config.check_finite
+        if self.config.overlap_decode:
+            return BackgroundDecodeSink(writer, device=self.context.device, check_finite=check)
+        return InlineDecodeSink(writer, check_finite=check)
 
     def _rollout(
-        self,
-        pipeline: Any,
-        prompt: str,
-        video_path: Path,
-        latent_height: int,
-        latent_width: int,
-        rollout: dict[str, Any],
-        worker: Any = None,
-    ):
-        """One prompt's rollout; fills ``rollout`` as it goes; returns the stacked latents.
-
-        With a ``worker`` (:class:`~flashdreams.runner.overlap.BackgroundChunkWorker`,
-        ``runner.overlap_decode`` on rank 0) each chunk's latent is handed to it
-        for decoding and writing, and this thread goes on with ``finalize``.
-        """
-        import torch
-        from loguru import logger
-
-        from flashdreams.runner.video import Mp4Writer, video_to_uint8_frames
+        self, pipeline: RunnerPipeline, prompt: str, name: str, latent_size: tuple[int, int]
+    ) -> Any:
+        """One prompt's session, stepped to ``runner.num_chunks``; returns the kept latents."""
+        from flashdreams.session import RolloutStats, StreamingSession
 
         config = self.config
-        rank = self.context.rank
-        overlap = config.overlap_decode
-        progress_state = self.progress
         image = self.first_frame(config.height, config.width)
         if image is not None:
             image = image.to(self.context.device)
-        writer = Mp4Writer(video_path, fps=config.fps) if self.is_writer else None
-        progress = self._progress(config.num_chunks, prompt)
-        chunks: list[dict[str, Any]] = rollout["chunks"]
-        latents: list[torch.Tensor] = []
-        rollout_start = time.perf_counter()
-        rollout["first_chunk_latency_s"] = float("nan")
-        log_every = max(1, config.num_chunks // 10)
-        # Overlap mode: AR steps finalized here and written by the worker.
-        overlap_state: dict[str, int | None] = {"finalized": None, "written": None}
-
-        def report_written(index: int, chunk: dict[str, Any]) -> None:
-            if progress is not None:
-                progress.update(1)
-            elif self.is_writer and (
-                (index + 1) % log_every == 0 or index + 1 == config.num_chunks
-            ):
-                if overlap:  # on the worker: the main thread may still be finalizing
-                    timing = (
-                        f"(decode {chunk['decode_s']:.2f} s, write {chunk['write_s']:.2f} s "
-                        "in the background)"
-                    )
-                else:
-                    timing = f"in {chunk['total_s']:.2f} s"
-                logger.info(
-                    f"chunk {index + 1}/{config.num_chunks}: {chunk['num_frames']} frames {timing}"
-                )
-
-        def decode_and_write(latent: torch.Tensor, index: int, chunk: dict[str, Any]) -> None:
-            """Overlap mode, on the worker thread: decode one chunk, check it, append it."""
-            from flashdreams.infra.profiler import EventProfiler
-
-            timer = EventProfiler(use_cuda=latent.device.type == "cuda")
-            video = pipeline.decode_latent(latent, index, cache)
-            timer.record("decode")
-            if config.check_finite:
-                check_finite(video, index)
-            frames = video_to_uint8_frames(video.reshape(-1, *video.shape[-4:])[0])
-            decode_s = timer.sync_and_summarize()["decode"] / 1000.0
-            t_write = time.perf_counter()
-            writer.append(frames)  # no stop guard here: signals reach the main thread only
-            progress_state.num_chunks_written += 1
-            chunk["num_frames"] = int(frames.shape[0])
-            chunk["decode_s"] = decode_s
-            chunk["write_s"] = time.perf_counter() - t_write
-            if index == 0:
-                rollout["first_chunk_latency_s"] = time.perf_counter() - rollout_start
-            overlap_state["written"] = index
-            report_written(index, chunk)
-
-        def completed_chunk() -> int | None:
-            finalized, written = overlap_state["finalized"], overlap_state["written"]
-            if not self.is_writer:
-                return finalized
-            return None if finalized is None or written is None else min(finalized, written)
-
+        sink = self._make_sink(self.context.run_dir / name)
+        rollout = RolloutStats(prompt=prompt, video=name)
+        self.rollouts.append(rollout)
+        reporter = _ChunkReporter(config.num_chunks, prompt, enabled=self.is_writer)
+        session = None
         try:
-            progress_state.stage = "initialize"
-            cache = pipeline.initialize_cache(
-                text=[prompt], image=image, height=latent_height, width=latent_width
+            session = StreamingSession.open(
+                pipeline,
+                sink,
+                text=[prompt],
+                image=image,
+                height=latent_size[0],
+                width=latent_size[1],
+                stats=rollout,
+                progress=self.progress,
+                keep_latents=config.save_latents,
+                check_finite=config.check_finite,
+                critical=self._critical,
+                on_chunk=reporter,
+                fault_hook=self._fault_hook,
+                stop_hook=self._check_stop,
             )
-            for index in range(config.num_chunks):
-                progress_state.autoregressive_index = index
-                self._check_stop(f"before AR step {index}")
-                progress_state.stage = "generate"
-                if worker is not None:
-                    self._raise_worker_failure(worker)
-                t0 = time.perf_counter()
-                maybe_inject_fault(rank, index, "generate")
-                if overlap:
-                    latent = pipeline.generate_latent(index, cache)
-                    video = None
-                else:
-                    video = pipeline.generate(index, cache)
-                final_state = getattr(cache, "final_state", None)
-                local_latent = getattr(final_state, "clean_latent", None)
-                maybe_inject_fault(rank, index, "generate", latent=local_latent)
-                if config.check_finite:
-                    check_finite(local_latent, index)
-                    if video is not None:
-                        check_finite(video, index)
-                if config.save_latents:
-                    # Overlap mode already holds the gathered latent: no second gather.
-                    saved = latent if overlap else self._chunk_latent(pipeline, cache)
-                    if saved is not None:
-                        latents.append(saved.detach().float().cpu())
-                t1 = time.perf_counter()
-                progress_state.stage = "write"
-                maybe_inject_fault(rank, index, "write")
-                chunk: dict[str, Any] = {"index": index, "num_frames": 0}
-                wait_s = 0.0
-                if worker is not None and latent is not None:
-                    # ``latent`` is freshly allocated by generate_latent and nothing on this
-                    # thread writes into it afterwards (finalize only reads the clean latent).
-                    job = functools.partial(decode_and_write, latent, index, chunk)
-                    try:
-                        # Blocks while two chunks are pending; a stop request waits for the
-                        # hand-over, so the worker's bookkeeping is never cut in half.
-                        with self._critical():
-                            wait_s = worker.submit(index, job, tensors=[latent])
-                    except BaseException:
-                        self._raise_worker_failure(worker)
-                        raise
-                    latent = None
-                elif writer is not None and video is not None:
-                    frames = video_to_uint8_frames(video.reshape(-1, *video.shape[-4:])[0])
-                    with self._critical():
-                        writer.append(frames)
-                        progress_state.num_chunks_written += 1
-                    chunk["num_frames"] = int(frames.shape[0])
-                t2 = time.perf_counter()
-                if index == 0 and not overlap:
-                    rollout["first_chunk_latency_s"] = t2 - rollout_start
-                self._check_stop(f"after AR step {index} was written")
-                progress_state.stage = "finalize"
-                maybe_inject_fault(rank, index, "finalize")
-                profile_stats = pipeline.finalize(index, cache)
-                t3 = time.perf_counter()
-                chunk["generate_s"] = t1 - t0
-                if overlap:
-                    # The worker fills num_frames, decode_s and write_s; wait_s is the time
-                    # this thread waited for it (a free slot, and the last chunk's drain).
-                    chunk.update(wait_s=wait_s, finalize_s=t3 - t2, total_s=t3 - t0)
-                else:
-                    chunk.update(write_s=t2 - t1, finalize_s=t3 - t2, total_s=t3 - t0)
-                if profile_stats:
-                    chunk["profile"] = profile_stats
-                chunks.append(chunk)
-                if overlap:
-                    overlap_state["finalized"] = index
-                    progress_state.last_completed_chunk = completed_chunk()
-                else:
-                    progress_state.last_completed_chunk = index
-                    report_written(index, chunk)
-            if worker is not None:
-                progress_state.stage = "write"
-                drain_s = worker.drain()
-                if chunks:
-                    chunks[-1]["wait_s"] += drain_s
-                    chunks[-1]["total_s"] += drain_s
-                self._raise_worker_failure(worker)
+            for _ in range(config.num_chunks):
+                session.step()
+            session.finish()
         finally:
-            if worker is not None:
-                with self._critical():
-                    # The worker must be idle before the video is closed; the chunks it was
-                    # handed are finished (or skipped after a failed one) first.
-                    worker.drain()
-            if overlap:
-                progress_state.last_completed_chunk = completed_chunk()
-            if writer is not None:
-                with self._critical():
-                    writer.close()
-            if progress is not None:
-                progress.close()
-        steady = chunks[1:]
-        steady_time = sum(chunk["total_s"] for chunk in steady)
-        steady_frames = sum(chunk["num_frames"] for chunk in steady)
-        rollout["num_frames"] = sum(chunk["num_frames"] for chunk in chunks)
-        rollout["steady_fps"] = steady_frames / steady_time if steady and steady_time > 0 else None
-        return torch.cat(latents, dim=-4) if latents else None
+            latents = session.close() if session is not None else sink.close()
+            reporter.close()
+        return latents
 
-    def _raise_worker_failure(self, worker: Any) -> None:
-        """Re-raise a failed background decode in this thread, pointing the progress at it."""
-        failed_index = worker.failed_autoregressive_index
-        if failed_index is None:
+
+class _ChunkReporter:
+    """Progress of a rollout on rank 0: a bar on a terminal, else a log line every ~10%."""
+
+    def __init__(self, total: int, prompt: str, *, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.log_every = max(1, total // 10)
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=prompt[:40], unit="chunk", file=sys.stderr)
+
+    def __call__(self, chunk: ChunkStats) -> None:
+        from loguru import logger
+
+        if self.bar is not None:
+            self.bar.update(1)
             return
-        self.progress.autoregressive_index = failed_index
-        self.progress.stage = "decode"
-        worker.raise_if_failed()
+        index = chunk.index
+        if not self.enabled or ((index + 1) % self.log_every and index + 1 != self.total):
+            return
+        if chunk.decode_s is not None:
+            timing = (
+                f"(decode {chunk.decode_s:.2f} s, write {chunk.write_s:.2f} s in the background)"
+            )
+        else:
+            timing = f"in {chunk.total_s:.2f} s"
+        logger.info(f"chunk {index + 1}/{self.total}: {chunk.num_frames} frames {timing}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

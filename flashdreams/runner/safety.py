@@ -1,4 +1,4 @@
-"""Run safety: atomic files, SIGTERM handling, non-finite checks, rank-failure notices, fault injection.
+"""Run safety: atomic files, SIGTERM / SIGINT handling, rank-failure notices, fault injection.
 
 Long jobs on shared clusters must not hang, must not write silently wrong
 output and must keep the chunks they already produced. The pieces here are
@@ -11,14 +11,16 @@ small and independent; the runner and the launcher wire them together:
   limit) and SIGINT (Ctrl-C) handlers that turn the signal into
   :class:`RunInterrupted`; during the rollout the request is acted on at the next
   safe point (between chunks or denoising steps), never inside a chunk's append.
-* :func:`check_finite`: NaN/Inf in a chunk's latent raises
-  :class:`NonFiniteOutputError` naming the AR step.
+* the non-finite check (NaN/Inf in a chunk's latent raises
+  :class:`~flashdreams.session.NonFiniteOutputError` naming the AR step) runs in
+  the session loop (:mod:`flashdreams.session.checks`).
 * :class:`RankFailureChannel`: a failing rank posts ``rank r failed at AR step
   k`` to the process group's key-value store; a watchdog thread on every other
   rank reads it and stops that rank (a status broadcast that needs no
   collective, so it also reaches ranks blocked inside one).
-* :func:`maybe_inject_fault`: the test-only fault-injection hook, read from one
-  environment variable in one place.
+* :class:`FaultInjection`: the test-only fault-injection hook, read from one
+  environment variable in one place, once per run
+  (:func:`fault_injection_from_environment`).
 """
 
 from __future__ import annotations
@@ -110,10 +112,6 @@ class PeerRankFailed(RuntimeError):
     def __init__(self, report: FailureReport) -> None:
         self.report = report
         super().__init__(f"stopping because {report.describe()}")
-
-
-class NonFiniteOutputError(RuntimeError):
-    """A generated chunk holds NaN or Inf values."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -214,26 +212,6 @@ class StopGuard:
         if self._critical_depth == 0 and self._pending is not None:
             error, self._pending = self._pending, None
             raise error
-
-
-# ---- non-finite output -------------------------------------------------------------------
-
-
-def check_finite(latent: Any, autoregressive_index: int) -> None:
-    """Raise :class:`NonFiniteOutputError` naming the AR step when ``latent`` holds NaN or Inf."""
-    import torch
-
-    if latent is None or not torch.is_floating_point(latent):
-        return
-    finite = torch.isfinite(latent)
-    if bool(finite.all()):
-        return
-    num_bad = int((~finite).sum())
-    raise NonFiniteOutputError(
-        f"AR step {autoregressive_index}: the generated latent holds {num_bad} NaN/Inf "
-        f"value(s) out of {latent.numel()}; the chunk was not written. Check the weights, "
-        "the dtype and the scheduler settings (runner.check_finite=false disables this check)"
-    )
 
 
 # ---- rank failure notices ------------------------------------------------------------------
@@ -393,6 +371,28 @@ class FaultInjection:
     stage: str
     kind: str = "error"
 
+    def fire(self, rank: int, autoregressive_index: int, stage: str, latent: Any = None) -> None:
+        """Act if this is the injection's rank, AR step and stage.
+
+        ``kind=error`` raises :class:`InjectedFault`; ``kind=sigterm`` sends SIGTERM to
+        this process; ``kind=nan`` fills ``latent`` with NaN in place and acts only on
+        the call that passes a latent (the others only on calls without one).
+        """
+        if (self.rank, self.step, self.stage) != (rank, autoregressive_index, stage):
+            return
+        if (self.kind == "nan") != (latent is not None):
+            return
+        if self.kind == "nan":
+            latent.fill_(float("nan"))
+            return
+        if self.kind == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # let the handler run before the next statement
+            return
+        raise InjectedFault(
+            f"injected fault on rank {rank} at AR step {autoregressive_index} ({stage})"
+        )
+
 
 def parse_fault_injection(text: str | None) -> FaultInjection | None:
     """``rank=1,step=2,stage=generate[,kind=error]`` -> :class:`FaultInjection`; empty -> ``None``."""
@@ -425,34 +425,10 @@ def parse_fault_injection(text: str | None) -> FaultInjection | None:
 
 
 class InjectedFault(RuntimeError):
-    """Raised by :func:`maybe_inject_fault`."""
+    """Raised by :meth:`FaultInjection.fire`."""
 
 
-def maybe_inject_fault(
-    rank: int, autoregressive_index: int, stage: str, latent: Any = None
-) -> None:
-    """The one place that reads :data:`FAULT_INJECTION_ENV` (set by tests, never by users).
-
-    ``kind=error`` raises :class:`InjectedFault`; ``kind=sigterm`` sends SIGTERM to
-    this process; ``kind=nan`` fills ``latent`` with NaN in place and acts only on
-    the call that passes a latent (the others only on calls without one).
-    """
-    injection = parse_fault_injection(os.environ.get(FAULT_INJECTION_ENV))
-    if injection is None or (injection.rank, injection.step, injection.stage) != (
-        rank,
-        autoregressive_index,
-        stage,
-    ):
-        return
-    if (injection.kind == "nan") != (latent is not None):
-        return
-    if injection.kind == "nan":
-        latent.fill_(float("nan"))
-        return
-    if injection.kind == "sigterm":
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.1)  # let the handler run before the next statement
-        return
-    raise InjectedFault(
-        f"injected fault on rank {rank} at AR step {autoregressive_index} ({stage})"
-    )
+def fault_injection_from_environment() -> FaultInjection | None:
+    """The one place that reads :data:`FAULT_INJECTION_ENV` (set by tests, never by users);
+    the runner reads it once per run."""
+    return parse_fault_injection(os.environ.get(FAULT_INJECTION_ENV))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from _spawn import run_on_ranks
 
 from flashdreams.core.distributed import CFGParallelMesh, ParallelDims, build_cp_mesh
 from flashdreams.core.distributed.plan import ParallelPlan, build_parallel_plan
@@ -33,6 +32,7 @@ from flashdreams.recipes.wan.transformer import (
     Wan22TransformerConfig,
     WanDiTNetworkTinyConfig,
 )
+from flashdreams.testing import run_on_ranks
 
 TOL = 1e-5
 NUM_CHUNKS = 4

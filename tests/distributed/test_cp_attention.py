@@ -14,7 +14,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _spawn import run_on_ranks
 
 from flashdreams.core.attention import KVCache, attend
 from flashdreams.core.attention.context_parallel import ContextParallelSelfAttention
@@ -29,6 +28,7 @@ from flashdreams.core.distributed import (
     split_tokens,
     token_valid_mask,
 )
+from flashdreams.testing import run_on_ranks
 
 TOL = 1e-5
 

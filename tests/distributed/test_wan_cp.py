@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.distributed as dist
-from _spawn import run_on_ranks
 
 from flashdreams.core.distributed import ParallelDims, build_cp_mesh
 from flashdreams.core.distributed.plan import ParallelPlan, build_parallel_plan
@@ -35,6 +34,7 @@ from flashdreams.recipes.wan.transformer import (
     Wan22TransformerConfig,
     WanDiTNetworkTinyConfig,
 )
+from flashdreams.testing import run_on_ranks
 
 TOL = 1e-5
 NUM_CHUNKS = 4

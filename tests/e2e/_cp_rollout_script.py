@@ -95,7 +95,7 @@ def main(out_path: str, cp_method: str) -> None:
         dist.barrier()
         dist.destroy_process_group()
         # gloo may abort during interpreter teardown on torch 2.13 CPU (see
-        # tests/distributed/_spawn.py); the work is finished and saved.
+        # flashdreams/testing/distributed.py); the work is finished and saved.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -1,7 +1,7 @@
 """Run-time faults on the real tiny Wan slug: a rank dies, SIGTERM, non-finite output.
 
 Faults are injected with the test-only ``FLASHDREAMS_FAULT_INJECTION`` variable
-(``flashdreams.runner.safety.maybe_inject_fault``, read in one place).
+(``flashdreams.runner.safety.FaultInjection``, read in one place).
 """
 
 from __future__ import annotations

@@ -6,7 +6,6 @@ thread) and the video and latents are bit-identical to the sequential run.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -14,10 +13,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
-from _spawn import run_on_ranks  # noqa: E402
-
-from flashdreams.runner.video import read_mp4  # noqa: E402
+from flashdreams.runner.video import read_mp4
+from flashdreams.testing import run_on_ranks
 
 NUM_CHUNKS = 3
 

@@ -21,15 +21,14 @@ import torch
 
 from flashdreams.runner.safety import (
     FailureReport,
-    NonFiniteOutputError,
     PeerRankFailed,
     RankFailureChannel,
     RunInterrupted,
     StopGuard,
     atomic_write_text,
-    check_finite,
     parse_fault_injection,
 )
+from flashdreams.session import NonFiniteOutputError, check_finite
 
 # ---- atomic files ------------------------------------------------------------------
 

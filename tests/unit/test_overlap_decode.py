@@ -30,10 +30,10 @@ from flashdreams.recipes.wan import (
     WanVAEDecoderConfig,
 )
 from flashdreams.runner import video as video_module
-from flashdreams.runner.overlap import BackgroundChunkWorker, ChunkDecodeError
 from flashdreams.runner.runner import RunContext, Runner, RunnerConfig
 from flashdreams.runner.safety import FAULT_INJECTION_ENV, InjectedFault
 from flashdreams.runner.video import read_mp4
+from flashdreams.session.worker import BackgroundChunkWorker, ChunkDecodeError
 
 HEIGHT, WIDTH = 32, 48  # pixels: latent 4 x 6 with the tiny VAE's 8x compression
 NUM_CHUNKS = 4

@@ -47,6 +47,12 @@ class Transformer(nn.Module, ABC, Generic[TransformerCacheT]):
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of the (patchified) latent this rank denoises, batch dims included."""
 
+    @property
+    def spatial_patch_size(self) -> tuple[int, int]:
+        """``(height, width)`` latent cells per token; pixel sizes must be multiples of this
+        times the decoder's spatial compression. ``(1, 1)`` unless a transformer patchifies."""
+        return 1, 1
+
     @abstractmethod
     def predict_flow(
         self,

@@ -51,19 +51,13 @@ class FakePipelineConfig(StreamInferencePipelineConfig):
     """Pixels per latent cell along H and W."""
 
 
-class _Identity(nn.Module):
-    def unpatchify_and_maybe_gather_cp(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 class FakePipeline(nn.Module):
     def __init__(self, config: FakePipelineConfig, parallel: Any = None) -> None:
         super().__init__()
         self.config = config
         self.to_rgb = nn.Linear(config.latent_channels, 3)
-        self.decoder = SimpleNamespace(spatial_compression_ratio=config.spatial_compression_ratio)
-        self.diffusion_model = nn.Module()
-        self.diffusion_model.transformer = _Identity()
+        self.spatial_compression_ratio = config.spatial_compression_ratio
+        self.spatial_patch_size = (1, 1)
 
     def initialize_cache(self, text: list[str], image: Any = None, *, height: int, width: int):
         return SimpleNamespace(height=height, width=width, final_state=None, text=text)
@@ -84,3 +78,9 @@ class FakePipeline(nn.Module):
     def finalize(self, index: int, cache: Any) -> None:
         cache.final_state = None
         return None
+
+    def clean_latent(self, cache: Any) -> torch.Tensor | None:
+        return None if cache.final_state is None else cache.final_state.clean_latent
+
+    def gather_clean_latent(self, cache: Any) -> torch.Tensor | None:
+        return self.clean_latent(cache)

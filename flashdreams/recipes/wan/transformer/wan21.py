@@ -258,9 +258,10 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         return self.config.guidance_scale
 
     @property
-    def patch_size(self) -> tuple[int, int, int]:
-        """Patch size ``(kt, kh, kw)`` of the network."""
-        return tuple(self.config.network.patch_size)  # type: ignore[return-value]
+    def spatial_patch_size(self) -> tuple[int, int]:
+        """``(kh, kw)`` of the network's patch size."""
+        _, kh, kw = self.config.network.patch_size
+        return kh, kw
 
     @property
     def patch_volume(self) -> int:

@@ -148,9 +148,9 @@ class Wan22Transformer(Transformer[Wan22TransformerCache]):
         return 1.0
 
     @property
-    def patch_size(self) -> tuple[int, int, int]:
-        """Patch size ``(kt, kh, kw)`` (shared by the branches)."""
-        return self.transformer_high_noise.patch_size
+    def spatial_patch_size(self) -> tuple[int, int]:
+        """``(kh, kw)`` (shared by the branches)."""
+        return self.transformer_high_noise.spatial_patch_size
 
     def initialize_autoregressive_cache(
         self,

@@ -1,8 +1,9 @@
 """One background thread that decodes and writes chunks while the main thread denoises the next.
 
-With ``runner.overlap_decode=true`` the runner hands chunk ``i``'s clean latent
-to a :class:`BackgroundChunkWorker` and goes on with ``finalize(i)`` and the
-denoising of chunk ``i + 1``. The worker runs the hand-overs one at a time, in
+The background sink (:class:`~flashdreams.session.sinks.BackgroundDecodeSink`,
+``runner.overlap_decode=true``) hands chunk ``i``'s clean latent to a
+:class:`BackgroundChunkWorker` and the session goes on with ``finalize(i)`` and
+the denoising of chunk ``i + 1``. The worker runs the hand-overs one at a time, in
 order (the decoder cache is sequential).
 
 On CUDA the worker runs on its own ``torch.cuda.Stream``: each job first waits

@@ -1,4 +1,7 @@
-"""Spawn N gloo ranks on CPU and run one function on each (for tests and benches).
+"""Spawn N gloo ranks on CPU and run one function on each (for tests and benchmarks).
+
+Like torch's ``MultiProcessTestCase``, but a plain function: import it as
+``from flashdreams.testing import run_on_ranks``.
 
 ``run_on_ranks(fn, world_size, *args)`` starts ``world_size`` processes with
 ``torch.multiprocessing`` (spawn), initialises a gloo default group on a free

@@ -1,0 +1,34 @@
+"""Streaming sessions: one rollout stepped chunk by chunk (generate -> sink -> finalize).
+
+See :mod:`flashdreams.session.loop` for the loop and :mod:`flashdreams.session.sinks`
+for where chunks go. The offline runner and interactive callers drive the same loop.
+"""
+
+from flashdreams.session.checks import NonFiniteOutputError, check_finite
+from flashdreams.session.loop import RolloutProgress, SessionPipeline, StreamingSession
+from flashdreams.session.sinks import (
+    BackgroundDecodeSink,
+    ChunkSink,
+    FrameWriter,
+    InlineDecodeSink,
+    ProducedChunk,
+)
+from flashdreams.session.stats import ChunkStats, RolloutStats
+from flashdreams.session.worker import BackgroundChunkWorker, ChunkDecodeError
+
+__all__ = [
+    "BackgroundChunkWorker",
+    "BackgroundDecodeSink",
+    "ChunkDecodeError",
+    "ChunkSink",
+    "ChunkStats",
+    "FrameWriter",
+    "InlineDecodeSink",
+    "NonFiniteOutputError",
+    "ProducedChunk",
+    "RolloutProgress",
+    "RolloutStats",
+    "SessionPipeline",
+    "StreamingSession",
+    "check_finite",
+]
