@@ -7,6 +7,7 @@ with the rank and each rank also logs to ``<run_dir>/log_rank<r>.txt``.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -75,6 +76,11 @@ def configure_logging(rank: int, run_dir: Path | None) -> list[int]:
     """Rank-tagged loguru sinks: stderr (INFO on rank 0, WARNING elsewhere) and a per-rank file."""
     from loguru import logger
 
+    # Import-time notices of optional kernels a CPU build cannot load (torchao, which
+    # transformers imports whenever it is installed) and of torch's pytree deprecations:
+    # nothing a user can act on.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     logger.remove()
     logger.configure(extra={"rank": rank})
     line = "{time:HH:mm:ss} | rank {extra[rank]} | {level: <7} | {message}"
