@@ -25,6 +25,7 @@ from flashdreams.infra.diffusion.transformer import (
     TransformerConfig,
 )
 from flashdreams.recipes.wan.transformer.acceleration import AccelerationPolicy, NetworkExecutor
+from flashdreams.recipes.wan.lora import LoRAConfig, WanLoRAs
 from flashdreams.recipes.wan.transformer.i2v import (
     I2VCtrl,
     conditioned_tokens,
@@ -96,6 +97,11 @@ class Wan21TransformerConfig(TransformerConfig):
     :func:`~flashdreams.recipes.wan.transformer.checkpoint.wan_diffusers_state_dict_transform`).
     Not needed for the known layouts: original Wan keys, diffusers keys and training
     checkpoints nesting either are detected and converted after it runs."""
+    loras: list[LoRAConfig] = field(default_factory=list)
+    """LoRA adapters applied after the checkpoint loads, in order, e.g.
+    ``[{path: distill.safetensors, strength: 1.0}]`` (:class:`~flashdreams.recipes.wan.lora.LoRAConfig`;
+    layouts: :mod:`flashdreams.recipes.wan.lora`). Change them later through
+    ``transformer.loras`` (:class:`~flashdreams.recipes.wan.lora.WanLoRAs`)."""
     batch_shape: tuple[int, ...] = (1,)
     """Leading batch dims of the latent."""
     len_t: int = 21
@@ -203,6 +209,8 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         self.network.update_parameters_after_loading_checkpoint()
         self.network.to(config.dtype)
         self.network.keep_modulation_in_fp32()
+        # The LoRA adapters applied to the network (config.loras); changed in place.
+        self.loras = WanLoRAs.from_configs(self.network, config.loras)
         self._height: int | None = None
         self._width: int | None = None
         self.executor = NetworkExecutor(

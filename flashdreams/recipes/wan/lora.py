@@ -1,0 +1,741 @@
+"""LoRA adapters for the Wan DiT: read the common file layouts, apply them with a strength,
+fuse them into the weights or run them at run time, swap and re-weight them in place.
+
+Layouts understood (``.safetensors`` files only; rank and alpha come from the file):
+
+* **diffusers / PEFT**: ``[transformer.]blocks.N.attn1.to_q.lora_A.weight``,
+  ``lora_B.weight`` (and ``lora_B.bias``); alpha from the ``lora_adapter_metadata``
+  header diffusers writes (``lora_alpha``, ``alpha_pattern``, ``use_rslora``), else
+  alpha = rank.
+* **kohya / musubi-tuner**: ``lora_unet_blocks_N_self_attn_q.lora_down.weight``,
+  ``lora_up.weight``, ``alpha``.
+* **original Wan keys** (LightX2V, CausVid): ``[diffusion_model.]blocks.N.self_attn.q``
+  followed by ``.lora_A.weight`` / ``.lora_B.weight`` or ``.lora_down.weight`` /
+  ``.lora_up.weight``, ``.alpha``, ``.diff`` (a full weight delta) and ``.diff_b``
+  (a bias delta).
+
+The update of a module with weight ``W`` ``[out, in]`` and bias ``b`` at strength ``s``::
+
+    W += s * (alpha / rank) * up @ down + s * diff        (rsLoRA: alpha / sqrt(rank))
+    b += s * diff_b                                     (PEFT lora_B.bias: s * alpha/rank * bias)
+
+Names are mapped to the original Wan module names the network uses; a LoRA on the
+self-attention ``q``, ``k`` or ``v`` lands in its third of the fused ``qkv`` projection,
+and one on the output head follows the head's row reorder
+(:meth:`WanDiTNetwork.update_parameters_after_loading_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flashdreams.infra.config import PrintableConfig
+from flashdreams.recipes.wan.transformer.checkpoint import WAN_DIFFUSERS_KEY_PATTERNS
+
+if TYPE_CHECKING:
+    from flashdreams.recipes.wan.transformer.impl.network import WanDiTNetwork
+
+LAYOUTS_UNDERSTOOD = (
+    "diffusers/PEFT ('[transformer.]blocks.N.attn1.to_q.lora_A.weight'), "
+    "kohya/musubi-tuner ('lora_unet_blocks_N_self_attn_q.lora_down.weight' + '.alpha'), "
+    "original Wan ('[diffusion_model.]blocks.N.self_attn.q.lora_A.weight' / "
+    "'.lora_down.weight' / '.alpha' / '.diff' / '.diff_b')"
+)
+"""The key layouts :func:`load_lora` reads, as quoted in its error messages."""
+
+_MAX_LISTED = 5
+
+# key suffix -> part of the update it holds; longest suffixes first
+_PART_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", "down"),
+    (".lora_down.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_up.weight", "up"),
+    (".lora_B.bias", "up_bias"),
+    (".alpha", "alpha"),
+    (".diff_b", "bias_diff"),
+    (".diff", "weight_diff"),
+)
+
+# key prefix -> layout name; a key with none of them is read as diffusers or original Wan
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("lora_unet_", "kohya"),
+    ("model.diffusion_model.", "wan"),
+    ("diffusion_model.", "wan"),
+    ("base_model.model.", "diffusers"),
+    ("transformer.", "diffusers"),
+)
+
+# kohya joins the module path with underscores; these put the dots back
+_KOHYA_NAME_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"^blocks_(\d+)_(self_attn|cross_attn)_(.+)$", r"blocks.\1.\2.\3"),
+        (r"^blocks_(\d+)_ffn_(\d+)$", r"blocks.\1.ffn.\2"),
+        (r"^blocks_(\d+)_(.+)$", r"blocks.\1.\2"),
+        (r"^head_(head|modulation)$", r"head.\1"),
+        (r"^(text_embedding|time_embedding|time_projection)_(\d+)$", r"\1.\2"),
+        (r"^img_emb_proj_(\d+)$", r"img_emb.proj.\1"),
+    )
+)
+
+_DIFFUSERS_NAME_PATTERNS = tuple(
+    (re.compile(pattern), replacement) for pattern, replacement in WAN_DIFFUSERS_KEY_PATTERNS
+)
+
+WAN_MODULE_NAME = re.compile(
+    r"^(?:blocks\.\d+\.(?:self_attn\.(?:q|k|v|o|norm_q|norm_k)"
+    r"|cross_attn\.(?:q|k|v|o|k_img|v_img|norm_q|norm_k|norm_k_img)"
+    r"|ffn\.[02]|norm3|modulation)"
+    r"|head\.(?:head|modulation)|patch_embedding|text_embedding\.[02]|time_embedding\.[02]"
+    r"|time_projection\.1|img_emb\.proj\.[0134])$"
+)
+"""Original Wan names of the modules (and the modulation parameters) a LoRA may target."""
+
+_QKV_INDEX = {"q": 0, "k": 1, "v": 2}
+_SELF_QKV = re.compile(r"^blocks\.(\d+)\.self_attn\.(q|k|v)$")
+_CONTEXT_PROJECTION = re.compile(
+    r"^(?:blocks\.\d+\.cross_attn\.(?:k|v|k_img|v_img|norm_k|norm_k_img)"
+    r"|text_embedding\.[02]|img_emb\.proj\.[0134])$"
+)
+
+
+@dataclass(kw_only=True)
+class LoRAConfig(PrintableConfig):
+    """One LoRA adapter of a Wan transformer (``transformer.loras`` list entry)."""
+
+    path: str
+    """Local ``.safetensors`` file in one of the layouts of :data:`LAYOUTS_UNDERSTOOD`."""
+    strength: float = 1.0
+    """Multiplier of the adapter's update (``0`` turns it off, ``1`` applies it as trained)."""
+    fused: bool = True
+    """``True``: fold the update into the weights (no run-time cost). ``False``: apply the
+    low-rank update at run time (each projection pays two thin matmuls), so swapping or
+    re-weighting the adapter touches only its own small matrices. Updates of modules that
+    are not plain linear layers (norms, modulation, the patch embedding) are always folded."""
+    name: str | None = None
+    """Name used to re-weight, fuse or remove the adapter; default: the file name without
+    its extension."""
+
+
+@dataclass
+class LoRAUpdate:
+    """What one adapter does to one module (original Wan name), before the strength."""
+
+    down: torch.Tensor | None = None
+    """``[rank, in]`` (``lora_A`` / ``lora_down``)."""
+    up: torch.Tensor | None = None
+    """``[out, rank]`` (``lora_B`` / ``lora_up``)."""
+    scale: float = 1.0
+    """``alpha / rank`` of the low-rank part."""
+    weight_diff: torch.Tensor | None = None
+    """Full-size weight delta (``diff``)."""
+    bias_diff: torch.Tensor | None = None
+    """Bias delta (``diff_b``, or PEFT's ``lora_B.bias`` times ``scale``)."""
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.down is None else self.down.shape[0]
+
+
+@dataclass
+class LoRAAdapter:
+    """A LoRA file read into original-Wan module names (not yet applied to a network)."""
+
+    name: str
+    """Name of the adapter."""
+    path: str
+    """File it was read from."""
+    layout: str
+    """Key layout found in the file: ``"diffusers"``, ``"kohya"`` or ``"wan"``."""
+    updates: dict[str, LoRAUpdate] = field(default_factory=dict)
+    """Original Wan module name -> its update."""
+
+
+# --------------------------------------------------------------------------- reading
+def _listed(items: Iterable[str]) -> str:
+    items = sorted(items)
+    more = len(items) - _MAX_LISTED
+    return ", ".join(items[:_MAX_LISTED]) + (f", ... ({more} more)" if more > 0 else "")
+
+
+def read_safetensors_with_metadata(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and header metadata of a local ``.safetensors`` LoRA file.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for anything that
+    is not a safetensors file (pickled ``.pt`` / ``.pth`` / ``.bin`` / ``.ckpt`` files are
+    refused without being opened: unpickling can run code).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from flashdreams.core.checkpoint import resolve_local_checkpoint
+
+    local = resolve_local_checkpoint(path, what="LoRA file")
+    if local.is_dir():
+        raise ValueError(f"LoRA file '{local}' is a folder; give the .safetensors file in it")
+    if local.suffix != ".safetensors":
+        raise ValueError(
+            f"LoRA file '{local}' is not a .safetensors file; pickled formats (.pt, .pth, "
+            ".bin, .ckpt) are refused because unpickling can run arbitrary code. Convert it "
+            "with safetensors.torch.save_file"
+        )
+    try:
+        with safe_open(str(local), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"LoRA file '{local}' is not a readable safetensors file: {error}"
+        ) from None
+    return tensors, metadata
+
+
+def _split_key(key: str) -> tuple[str, str, str] | None:
+    """``key`` -> ``(layout, original Wan module name, part)``, or ``None`` if not understood."""
+    part = next((p for suffix, p in _PART_SUFFIXES if key.endswith(suffix)), None)
+    if part is None:
+        return None
+    suffix = next(s for s, p in _PART_SUFFIXES if key.endswith(s) and p == part)
+    module = key[: -len(suffix)]
+    layout = "wan"
+    for prefix, prefix_layout in _PREFIXES:
+        if module.startswith(prefix):
+            module, layout = module[len(prefix) :], prefix_layout
+            break
+    if layout == "kohya":
+        for pattern, replacement in _KOHYA_NAME_PATTERNS:
+            if pattern.match(module):
+                module = pattern.sub(replacement, module)
+                break
+    else:
+        renamed = module + ".weight"  # the diffusers patterns match parameter names
+        for pattern, replacement in _DIFFUSERS_NAME_PATTERNS:
+            renamed = pattern.sub(replacement, renamed)
+        if renamed != module + ".weight":
+            layout = "diffusers"
+        module = renamed.removesuffix(".weight")
+    if not WAN_MODULE_NAME.match(module):
+        return None
+    return layout, module, part
+
+
+def _peft_alpha(metadata: dict, peft_name: str, rank: int) -> float:
+    """Scale ``alpha / rank`` of one module from diffusers' ``lora_adapter_metadata``."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return 1.0
+    config = json.loads(raw)
+    if any(key.startswith("transformer.") for key in config):
+        # a pipeline-level save (WanPipeline.save_lora_weights) prefixes the component
+        config = {
+            key.removeprefix("transformer."): value
+            for key, value in config.items()
+            if key.startswith("transformer.")
+        }
+    if config.get("use_dora"):
+        raise ValueError("DoRA adapters (use_dora=True) are not supported")
+    alpha = float(config.get("lora_alpha", rank))
+    for pattern, pattern_alpha in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", peft_name):
+            alpha = float(pattern_alpha)
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def parse_lora_state_dict(
+    state_dict: dict[str, torch.Tensor], metadata: dict, *, name: str, path: str
+) -> LoRAAdapter:
+    """Group a LoRA state dict by original Wan module name and check each group is whole."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    peft_names: dict[str, str] = {}
+    layouts: set[str] = set()
+    unknown = []
+    for key, tensor in state_dict.items():
+        split = _split_key(key)
+        if split is None:
+            unknown.append(key)
+            continue
+        layout, module, part = split
+        layouts.add(layout)
+        module_parts = parts.setdefault(module, {})
+        if part in module_parts:
+            raise ValueError(f"LoRA file '{path}': two keys give '{part}' of module '{module}'")
+        module_parts[part] = tensor
+        if part == "down":
+            peft_names[module] = key.removesuffix(".lora_A.weight")
+    if unknown:
+        raise ValueError(
+            f"LoRA file '{path}' has {len(unknown)} key(s) that are not a Wan DiT LoRA "
+            f"(e.g. {_listed(unknown)}); is it for another model? Layouts understood: "
+            f"{LAYOUTS_UNDERSTOOD}"
+        )
+    if not parts:
+        raise ValueError(f"LoRA file '{path}' holds no tensors")
+    updates = {}
+    for module, module_parts in parts.items():
+        peft_name = peft_names.get(module, module)
+        updates[module] = _build_update(module, module_parts, metadata, peft_name, path)
+    layout = "+".join(sorted(layouts))
+    return LoRAAdapter(name=name, path=str(path), layout=layout, updates=updates)
+
+
+def _build_update(
+    module: str, parts: dict[str, torch.Tensor], metadata: dict, peft_name: str, path: str
+) -> LoRAUpdate:
+    down, up = parts.get("down"), parts.get("up")
+    if (down is None) != (up is None):
+        have, missing = ("down", "up") if up is None else ("up", "down")
+        raise ValueError(
+            f"LoRA file '{path}': module '{module}' has a {have} matrix but no {missing} matrix"
+        )
+    if down is None and any(p in parts for p in ("alpha", "up_bias")):
+        raise ValueError(
+            f"LoRA file '{path}': module '{module}' has an alpha or bias but no up/down"
+        )
+    update = LoRAUpdate(down=down, up=up, weight_diff=parts.get("weight_diff"))
+    if down is not None:
+        assert up is not None
+        if down.ndim < 2 or up.ndim < 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(
+                f"LoRA file '{path}': module '{module}' has mismatched rank shapes: down "
+                f"{tuple(down.shape)}, up {tuple(up.shape)} (want down [rank, in], up [out, rank])"
+            )
+        rank = down.shape[0]
+        if "alpha" in parts:
+            alpha = parts["alpha"]
+            if alpha.numel() != 1:
+                raise ValueError(f"LoRA file '{path}': alpha of '{module}' is not a scalar")
+            update.scale = float(alpha.item()) / rank
+        else:
+            update.scale = _peft_alpha(metadata, peft_name, rank)
+    bias = parts.get("bias_diff")
+    if "up_bias" in parts:
+        if bias is not None:
+            raise ValueError(
+                f"LoRA file '{path}': module '{module}' has both diff_b and lora_B.bias"
+            )
+        bias = parts["up_bias"].float() * update.scale
+    update.bias_diff = bias
+    return update
+
+
+def load_lora(path: str | Path, *, name: str | None = None) -> LoRAAdapter:
+    """Read a LoRA ``.safetensors`` file (any layout of :data:`LAYOUTS_UNDERSTOOD`)."""
+    tensors, metadata = read_safetensors_with_metadata(path)
+    adapter_name = name if name is not None else Path(str(path)).name.removesuffix(".safetensors")
+    return parse_lora_state_dict(tensors, metadata, name=adapter_name, path=str(path))
+
+
+# --------------------------------------------------------------------------- targets
+@dataclass(eq=False)
+class _Target:
+    """Where a module's update lands in the (possibly fused) network."""
+
+    weight: nn.Parameter
+    """The parameter the weight part updates."""
+    bias: nn.Parameter | None
+    """The parameter the bias part updates."""
+    rows: slice | None = None
+    """Rows of ``weight`` / ``bias`` belonging to this module (``q``/``k``/``v`` in ``qkv``)."""
+    row_order: torch.Tensor | None = None
+    """Output rows reorder applied at load time (the output head): ``new = old[row_order]``."""
+    linear: nn.Linear | None = None
+    """The linear layer holding ``weight``, when the update can run at run time."""
+
+    @property
+    def num_rows(self) -> int:
+        if self.rows is None:
+            return self.weight.shape[0]
+        return self.rows.stop - self.rows.start
+
+
+def _resolve_target(network: WanDiTNetwork, module_name: str) -> _Target | None:
+    qkv_match = _SELF_QKV.match(module_name)
+    if qkv_match is not None:
+        block_index = int(qkv_match.group(1))
+        if block_index >= len(network.blocks):
+            return None
+        attention = network.blocks[block_index].self_attn
+        if attention.qkv is not None:
+            dim = network.config.dim
+            start = _QKV_INDEX[qkv_match.group(2)] * dim
+            fused = attention.qkv
+            return _Target(fused.weight, fused.bias, slice(start, start + dim), linear=fused)
+    try:
+        module = network.get_submodule(module_name)
+    except AttributeError:
+        try:
+            return _Target(network.get_parameter(module_name), None)
+        except AttributeError:
+            return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        return None
+    bias = getattr(module, "bias", None)
+    target = _Target(weight, bias if isinstance(bias, nn.Parameter) else None)
+    if type(module) is nn.Linear:
+        target.linear = module
+    if module_name == "head.head" and network._head_channels_first:
+        out_dim = network.config.out_dim
+        order = torch.arange(weight.shape[0]).reshape(network.patch_volume, out_dim).t()
+        target.row_order = order.reshape(-1)
+    return target
+
+
+def _check_shapes(adapter: LoRAAdapter, module: str, update: LoRAUpdate, target: _Target) -> None:
+    rows = target.num_rows
+    trailing = tuple(target.weight.shape[1:])
+    where = f"LoRA '{adapter.name}' ({adapter.path}), module '{module}'"
+    if update.down is not None:
+        assert update.up is not None
+        if tuple(update.down.shape[1:]) != trailing or update.up.shape[0] != rows:
+            raise ValueError(
+                f"{where}: shapes do not fit the network: down {tuple(update.down.shape)}, up "
+                f"{tuple(update.up.shape)} vs weight {(rows, *trailing)} (another model size?)"
+            )
+        if update.up.numel() != rows * update.down.shape[0]:
+            raise ValueError(f"{where}: up {tuple(update.up.shape)} is not [out, rank]")
+    if update.weight_diff is not None and tuple(update.weight_diff.shape) != (rows, *trailing):
+        raise ValueError(
+            f"{where}: diff {tuple(update.weight_diff.shape)} vs weight {(rows, *trailing)}"
+        )
+    if update.bias_diff is not None:
+        if target.bias is None:
+            raise ValueError(f"{where}: has a bias delta but the module has no bias")
+        if tuple(update.bias_diff.shape) != (rows,):
+            raise ValueError(
+                f"{where}: bias delta {tuple(update.bias_diff.shape)} vs bias ({rows},)"
+            )
+
+
+def _resolve_adapter(network: WanDiTNetwork, adapter: LoRAAdapter) -> dict[str, _Target]:
+    """Targets of every module of ``adapter``; raises before anything is changed."""
+    targets = {module: _resolve_target(network, module) for module in adapter.updates}
+    missing = [module for module, target in targets.items() if target is None]
+    if missing:
+        raise ValueError(
+            f"LoRA '{adapter.name}' ({adapter.path}) targets {len(missing)} module(s) this "
+            f"network does not have: {_listed(missing)} (a LoRA for another Wan model? the "
+            f"network has {len(network.blocks)} blocks, image cross-attention "
+            f"{network.config.cross_attn_enable_img})"
+        )
+    for module, update in adapter.updates.items():
+        _check_shapes(adapter, module, update, targets[module])  # type: ignore[arg-type]
+    return targets  # type: ignore[return-value]
+
+
+def _ordered(tensor: torch.Tensor, target: _Target) -> torch.Tensor:
+    return tensor if target.row_order is None else tensor[target.row_order.to(tensor.device)]
+
+
+def _weight_delta(update: LoRAUpdate, target: _Target, strength: float, device) -> torch.Tensor:
+    """fp32 delta of ``weight[rows]`` in the network's row order."""
+    shape = (target.num_rows, *target.weight.shape[1:])
+    delta = torch.zeros(shape, dtype=torch.float32, device=device)
+    if update.down is not None:
+        assert update.up is not None
+        up = update.up.to(device, torch.float32).flatten(1)
+        down = update.down.to(device, torch.float32).flatten(1)
+        delta += (up @ down).reshape(shape) * (update.scale * strength)
+    if update.weight_diff is not None:
+        delta += update.weight_diff.to(device, torch.float32) * strength
+    return _ordered(delta, target)
+
+
+# --------------------------------------------------------------------------- run-time
+@dataclass(eq=False)
+class _RuntimeTerm:
+    """One adapter's run-time update of one linear layer's output rows."""
+
+    update: LoRAUpdate
+    target: _Target
+    strength: float
+    _cast: dict[Any, tuple] = field(default_factory=dict)
+
+    def tensors(self, like: torch.Tensor) -> tuple:
+        """``(down, up, diff, bias)`` on ``like``'s device and dtype, cached."""
+        key = (like.device, like.dtype)
+        if key not in self._cast:
+            update, target = self.update, self.target
+
+            def cast(t: torch.Tensor | None, *, ordered: bool = False) -> torch.Tensor | None:
+                if t is None:
+                    return None
+                t = _ordered(t, target) if ordered else t
+                return t.to(device=like.device, dtype=like.dtype)
+
+            self._cast[key] = (
+                cast(update.down),
+                cast(update.up, ordered=True),
+                cast(update.weight_diff, ordered=True),
+                cast(update.bias_diff, ordered=True),
+            )
+        return self._cast[key]
+
+    def output_delta(self, x: torch.Tensor) -> torch.Tensor:
+        down, up, diff, bias = self.tensors(x)
+        out = None
+        if down is not None:
+            out = F.linear(F.linear(x, down), up) * (self.update.scale * self.strength)
+        if diff is not None:
+            term = F.linear(x, diff) * self.strength
+            out = term if out is None else out + term
+        if bias is not None:
+            out = bias * self.strength if out is None else out + bias * self.strength
+        assert out is not None
+        return out
+
+
+class _RuntimeHook:
+    """Forward hook of one linear layer: adds its run-time LoRA terms to the output."""
+
+    def __init__(self) -> None:
+        self.terms: list[_RuntimeTerm] = []
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        # the output of the linear layer is a fresh tensor: update it in place
+        (x,) = inputs
+        for term in self.terms:
+            rows = term.target.rows
+            if rows is None:
+                output += term.output_delta(x)
+            else:
+                output[..., rows] += term.output_delta(x)
+        return output
+
+
+# --------------------------------------------------------------------------- the set
+@dataclass(eq=False)
+class _Active:
+    adapter: LoRAAdapter
+    targets: dict[str, _Target]
+    strength: float
+    fused: bool
+
+
+class WanLoRAs:
+    """The LoRA adapters applied to one :class:`WanDiTNetwork`, changed in place.
+
+    Every change (add, remove, re-weight, fuse, unfuse, replace) recomputes each
+    touched parameter from its saved original as ``original + sum of the folded
+    updates`` (in fp32, adapters in order, one cast), so the weights after any
+    sequence of changes are bit for bit those of applying the final set to the
+    original network, and :meth:`clear` restores the original exactly. The
+    originals of touched parameters are kept on the CPU while any adapter touches
+    them. Run-time (unfused) adapters live in forward hooks of the linear layers
+    and leave the weights alone.
+
+    Apply to the network in its final dtype and layout (after
+    ``update_parameters_after_loading_checkpoint`` and the dtype cast). Every
+    method checks all its input before changing anything: a failed call leaves
+    the network as it was.
+    """
+
+    def __init__(self, network: WanDiTNetwork) -> None:
+        self.network = network
+        self._active: list[_Active] = []
+        self._originals: dict[nn.Parameter, torch.Tensor] = {}
+        self._hooks: dict[nn.Linear, tuple[_RuntimeHook, Any]] = {}
+
+    @classmethod
+    def from_configs(cls, network: WanDiTNetwork, configs: Iterable[LoRAConfig]) -> WanLoRAs:
+        """Read and apply the adapters of ``configs`` (all files are read before any is applied)."""
+        loras = cls(network)
+        configs = list(configs)
+        if configs:
+            loras.replace(configs)
+        return loras
+
+    # -------------------------------------------------------------- queries
+    @property
+    def names(self) -> list[str]:
+        """Names of the applied adapters, in order."""
+        return [active.adapter.name for active in self._active]
+
+    def strength(self, name: str) -> float:
+        return self._find(name).strength
+
+    def is_fused(self, name: str) -> bool:
+        return self._find(name).fused
+
+    @property
+    def touches_context_projections(self) -> bool:
+        """Whether an adapter changes the text / image key-value path, whose outputs a
+        rollout caches (``initialize_cache``): a change then needs that cache rebuilt."""
+        return any(
+            _CONTEXT_PROJECTION.match(module)
+            for active in self._active
+            for module in active.adapter.updates
+        )
+
+    # -------------------------------------------------------------- changes
+    def add(
+        self,
+        adapter: LoRAAdapter | LoRAConfig | str | Path,
+        strength: float = 1.0,
+        *,
+        fused: bool = True,
+        name: str | None = None,
+    ) -> None:
+        """Apply one more adapter (a file path, a :class:`LoRAConfig` or a read adapter)."""
+        entry = self._prepare(adapter, strength, fused, name, taken=set(self.names))
+        self._commit([*self._active, entry])
+
+    def remove(self, name: str) -> None:
+        """Take an adapter off (its share of the weights is removed exactly)."""
+        self._find(name)
+        self._commit([active for active in self._active if active.adapter.name != name])
+
+    def set_strength(self, name: str, strength: float) -> None:
+        """Re-weight an adapter in place."""
+        self._find(name)
+        self._commit(
+            [
+                _Active(a.adapter, a.targets, strength, a.fused) if a.adapter.name == name else a
+                for a in self._active
+            ]
+        )
+
+    def fuse(self, names: Iterable[str] | None = None) -> None:
+        """Fold adapters (default: all) into the weights: no run-time cost."""
+        self._set_fused(names, True)
+
+    def unfuse(self, names: Iterable[str] | None = None) -> None:
+        """Take adapters (default: all) out of the weights and run them at run time; with
+        every adapter unfused the linear weights are the originals, bit for bit."""
+        self._set_fused(names, False)
+
+    def replace(self, adapters: Iterable[LoRAAdapter | LoRAConfig | str | Path]) -> None:
+        """Swap the whole set for ``adapters`` (configs carry strength and mode; paths and
+        read adapters get strength 1, fused). Equal to clearing and adding them, exactly."""
+        entries: list[_Active] = []
+        for adapter in adapters:
+            entries.append(
+                self._prepare(adapter, 1.0, True, None, taken={a.adapter.name for a in entries})
+            )
+        self._commit(entries)
+
+    def clear(self) -> None:
+        """Remove every adapter: the weights are the originals again, bit for bit."""
+        self._commit([])
+
+    # -------------------------------------------------------------- internals
+    def _find(self, name: str) -> _Active:
+        for active in self._active:
+            if active.adapter.name == name:
+                return active
+        raise KeyError(
+            f"no LoRA adapter named '{name}' is applied (applied: {self.names or 'none'})"
+        )
+
+    def _set_fused(self, names: Iterable[str] | None, fused: bool) -> None:
+        chosen = set(self.names if names is None else names)
+        for name in chosen:
+            self._find(name)
+        self._commit(
+            [
+                _Active(a.adapter, a.targets, a.strength, fused) if a.adapter.name in chosen else a
+                for a in self._active
+            ]
+        )
+
+    def _prepare(
+        self,
+        adapter: LoRAAdapter | LoRAConfig | str | Path,
+        strength: float,
+        fused: bool,
+        name: str | None,
+        *,
+        taken: set[str],
+    ) -> _Active:
+        if isinstance(adapter, LoRAConfig):
+            strength, fused, name = adapter.strength, adapter.fused, adapter.name
+            adapter = adapter.path
+        if not isinstance(adapter, LoRAAdapter):
+            adapter = load_lora(adapter, name=name)
+        elif name is not None and name != adapter.name:
+            adapter = LoRAAdapter(name, adapter.path, adapter.layout, adapter.updates)
+        if not math.isfinite(strength):
+            raise ValueError(f"LoRA '{adapter.name}': strength must be finite, got {strength}")
+        if adapter.name in taken:
+            raise ValueError(
+                f"a LoRA adapter named '{adapter.name}' is already applied; give this one "
+                "another name"
+            )
+        return _Active(adapter, _resolve_adapter(self.network, adapter), strength, fused)
+
+    def _folded(self, active: _Active, target: _Target) -> bool:
+        return active.fused or target.linear is None
+
+    @torch.no_grad()
+    def _commit(self, new_active: list[_Active]) -> None:
+        """Make the network's weights and hooks those of ``new_active`` (all checked already)."""
+        changed = [a for a in self._active if a not in new_active]
+        changed += [a for a in new_active if a not in self._active]
+        touched: dict[nn.Parameter, None] = {}
+        for active in changed:
+            for target in active.targets.values():
+                touched[target.weight] = None
+                if target.bias is not None:
+                    touched[target.bias] = None
+        for param in touched:
+            if param not in self._originals:
+                self._originals[param] = param.detach().to("cpu", copy=True)
+        self._active = new_active
+        still_used: set[nn.Parameter] = set()
+        for param in touched:
+            still_used |= self._recompute(param)
+        for param in touched:
+            if param not in still_used:
+                del self._originals[param]
+        self._rebuild_hooks()
+
+    def _recompute(self, param: nn.Parameter) -> set[nn.Parameter]:
+        """Set ``param`` to its original plus the folded updates; returns it if any remain."""
+        original = self._originals[param]
+        total = original.to(param.device, torch.float32, copy=True)
+        used = False
+        for active in self._active:
+            for module, target in active.targets.items():
+                is_weight = target.weight is param
+                if not (is_weight or target.bias is param):
+                    continue
+                used = True
+                if not self._folded(active, target):
+                    continue
+                update = active.adapter.updates[module]
+                rows = slice(None) if target.rows is None else target.rows
+                if is_weight:
+                    if update.down is None and update.weight_diff is None:
+                        continue
+                    total[rows] += _weight_delta(update, target, active.strength, total.device)
+                elif update.bias_diff is not None:
+                    bias = _ordered(update.bias_diff.to(total.device, torch.float32), target)
+                    total[rows] += bias * active.strength
+        param.copy_(total.to(param.dtype))
+        return {param} if used else set()
+
+    def _rebuild_hooks(self) -> None:
+        for hook, _handle in self._hooks.values():
+            hook.terms.clear()
+        for active in self._active:
+            for module, target in active.targets.items():
+                if self._folded(active, target):
+                    continue
+                assert target.linear is not None
+                if target.linear not in self._hooks:
+                    hook = _RuntimeHook()
+                    self._hooks[target.linear] = (hook, target.linear.register_forward_hook(hook))
+                term = _RuntimeTerm(active.adapter.updates[module], target, active.strength)
+                self._hooks[target.linear][0].terms.append(term)
+        for linear in [linear for linear, (hook, _) in self._hooks.items() if not hook.terms]:
+            self._hooks.pop(linear)[1].remove()
