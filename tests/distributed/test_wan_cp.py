@@ -53,6 +53,7 @@ class Case:
     relative_rope: bool = False
     wan22: bool = False
     extra: dict = field(default_factory=dict)
+    """More ``Wan21TransformerConfig`` fields (e.g. ``loras``)."""
 
 
 def network_config(case: Case) -> WanDiTNetworkTinyConfig:
@@ -77,6 +78,7 @@ def transformer_config(case: Case, guidance_scale: float = 3.0) -> Wan21Transfor
         stamp_image_latent=not case.wan22,
         compile_network=False,
         use_cuda_graph=False,
+        **case.extra,
     )
 
 

@@ -71,6 +71,15 @@ def _make_inputs(root: Path) -> dict[str, Path]:
     state_dict[name] = torch.zeros(state_dict[name].shape[0] + 1, state_dict[name].shape[1])
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(paths["wrong_shape"]))
     paths["wrong_shape_key"] = Path(name)
+    paths["flux_lora"] = root / "flux_lora.safetensors"
+    flux_key = "transformer.single_transformer_blocks.0.attn.to_q"
+    save_file(
+        {
+            f"{flux_key}.lora_A.weight": torch.zeros(4, 8),
+            f"{flux_key}.lora_B.weight": torch.zeros(8, 4),
+        },
+        str(paths["flux_lora"]),
+    )
     torch.save({"weight": torch.zeros(2), "payload": _Evil(str(paths["marker"]))}, paths["evil"])
     return paths
 
@@ -126,6 +135,14 @@ def _cases(paths: dict[str, Path]) -> dict[str, Case]:
         "unsafe pickle checkpoint": Case(
             ["wan-tiny-t2v", *SMALL, f"{transformer}.checkpoint_path={paths['evil']}"],
             ["refusing to load", "could run arbitrary code", "safetensors"],
+        ),
+        "missing LoRA file": Case(
+            ["wan-tiny-t2v", *SMALL, f"{transformer}.loras=[{{path: lora/missing.safetensors}}]"],
+            ["LoRA file not found: 'lora/missing.safetensors' does not exist"],
+        ),
+        "LoRA for another model": Case(
+            ["wan-tiny-t2v", *SMALL, f"{transformer}.loras=[{{path: {paths['flux_lora']}, strength: 0.8}}]"],
+            ["key(s) that are not a Wan DiT LoRA", "single_transformer_blocks", "Layouts understood"],
         ),
         "ulysses degree does not divide heads": Case(
             ["wan-tiny-t2v", *SMALL, f"{transformer}.network.num_heads=1",
@@ -215,6 +232,8 @@ CASE_NAMES = [
     "missing checkpoint",
     "checkpoint with wrong shapes",
     "unsafe pickle checkpoint",
+    "missing LoRA file",
+    "LoRA for another model",
     "ulysses degree does not divide heads",
     "key without a value",
     "misspelt section",

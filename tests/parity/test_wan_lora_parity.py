@@ -59,7 +59,9 @@ def _random_peft_lora(case: str, targets: list[str], *, lora_bias: bool):
 
 def _save_peft(state_dict, config, folder):
     WanPipeline.save_lora_weights(
-        folder, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=config.to_dict()
+        folder,
+        transformer_lora_layers=state_dict,
+        transformer_lora_adapter_metadata=config.to_dict(),
     )
     return folder / "pytorch_lora_weights.safetensors"
 
