@@ -121,8 +121,10 @@ class LoRAConfig(PrintableConfig):
     fused: bool = True
     """``True``: fold the update into the weights (no run-time cost). ``False``: apply the
     low-rank update at run time (each projection pays two thin matmuls), so swapping or
-    re-weighting the adapter touches only its own small matrices. Updates of modules that
-    are not plain linear layers (norms, modulation, the patch embedding) are always folded."""
+    re-weighting the adapter touches only its own small matrices. Full-size ``diff``
+    deltas of linear layers then run at run time too (one more full matmul each); updates
+    of modules that are not plain linear layers (norms, modulation, the patch embedding)
+    are always folded."""
     name: str | None = None
     """Name used to re-weight, fuse or remove the adapter; default: the file name without
     its extension."""
@@ -142,6 +144,9 @@ class LoRAUpdate:
     """Full-size weight delta (``diff``)."""
     bias_diff: torch.Tensor | None = None
     """Bias delta (``diff_b``, or PEFT's ``lora_B.bias`` times ``scale``)."""
+    device_copies: dict[tuple, tuple] = field(default_factory=dict, repr=False, compare=False)
+    """Run-time copies ``(down, up, diff, bias)`` per (device, dtype, reordered rows), kept
+    across re-weights: a re-weight only rescales the device copies, nothing is re-sent."""
 
     @property
     def rank(self) -> int | None:
@@ -348,8 +353,9 @@ class _Target:
     """Rows of ``weight`` / ``bias`` belonging to this module (``q``/``k``/``v`` in ``qkv``)."""
     row_order: torch.Tensor | None = None
     """Output rows reorder applied at load time (the output head): ``new = old[row_order]``."""
-    linear: nn.Linear | None = None
-    """The linear layer holding ``weight``, when the update can run at run time."""
+    linear_name: str | None = None
+    """Name of the linear layer holding ``weight`` in the network, when the update can
+    run at run time."""
 
     @property
     def num_rows(self) -> int:
@@ -369,7 +375,9 @@ def _resolve_target(network: WanDiTNetwork, module_name: str) -> _Target | None:
             dim = network.config.dim
             start = _QKV_INDEX[qkv_match.group(2)] * dim
             fused = attention.qkv
-            return _Target(fused.weight, fused.bias, slice(start, start + dim), linear=fused)
+            rows = slice(start, start + dim)
+            name = f"blocks.{block_index}.self_attn.qkv"
+            return _Target(fused.weight, fused.bias, rows, linear_name=name)
     try:
         module = network.get_submodule(module_name)
     except AttributeError:
@@ -382,8 +390,8 @@ def _resolve_target(network: WanDiTNetwork, module_name: str) -> _Target | None:
         return None
     bias = getattr(module, "bias", None)
     target = _Target(weight, bias if isinstance(bias, nn.Parameter) else None)
-    if type(module) is nn.Linear:
-        target.linear = module
+    if isinstance(module, nn.Linear):
+        target.linear_name = module_name
     if module_name == "head.head" and network._head_channels_first:
         out_dim = network.config.out_dim
         order = torch.arange(weight.shape[0]).reshape(network.patch_volume, out_dim).t()
@@ -452,65 +460,101 @@ def _weight_delta(update: LoRAUpdate, target: _Target, strength: float, device) 
 
 
 # --------------------------------------------------------------------------- run-time
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class _RuntimeTerm:
-    """One adapter's run-time update of one linear layer's output rows."""
+    """One adapter's run-time update of one linear layer's output rows, ready to run: on the
+    layer's device and dtype, strength and alpha / rank folded into ``up``, ``diff``, ``bias``."""
 
-    update: LoRAUpdate
-    target: _Target
-    strength: float
-    _cast: dict[Any, tuple] = field(default_factory=dict)
-
-    def tensors(self, like: torch.Tensor) -> tuple:
-        """``(down, up, diff, bias)`` on ``like``'s device and dtype, cached."""
-        key = (like.device, like.dtype)
-        if key not in self._cast:
-            update, target = self.update, self.target
-
-            def cast(t: torch.Tensor | None, *, ordered: bool = False) -> torch.Tensor | None:
-                if t is None:
-                    return None
-                t = _ordered(t, target) if ordered else t
-                return t.to(device=like.device, dtype=like.dtype)
-
-            self._cast[key] = (
-                cast(update.down),
-                cast(update.up, ordered=True),
-                cast(update.weight_diff, ordered=True),
-                cast(update.bias_diff, ordered=True),
-            )
-        return self._cast[key]
+    rows: slice | None
+    down: torch.Tensor | None
+    up: torch.Tensor | None
+    diff: torch.Tensor | None
+    bias: torch.Tensor | None
 
     def output_delta(self, x: torch.Tensor) -> torch.Tensor:
-        down, up, diff, bias = self.tensors(x)
         out = None
-        if down is not None:
-            out = F.linear(F.linear(x, down), up) * (self.update.scale * self.strength)
-        if diff is not None:
-            term = F.linear(x, diff) * self.strength
-            out = term if out is None else out + term
-        if bias is not None:
-            out = bias * self.strength if out is None else out + bias * self.strength
+        if self.down is not None:
+            out = F.linear(F.linear(x, self.down), self.up)
+        if self.diff is not None:
+            full = F.linear(x, self.diff)
+            out = full if out is None else out + full
+        if self.bias is not None:
+            out = self.bias if out is None else out + self.bias
         assert out is not None
         return out
 
+    def apply(self, fn: Any) -> _RuntimeTerm:
+        """The term with ``fn`` (a ``Module._apply`` function: ``.to()``, ...) on its tensors."""
 
-class _RuntimeHook:
-    """Forward hook of one linear layer: adds its run-time LoRA terms to the output."""
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
 
-    def __init__(self) -> None:
+        return _RuntimeTerm(
+            self.rows, moved(self.down), moved(self.up), moved(self.diff), moved(self.bias)
+        )
+
+
+def _runtime_term(update: LoRAUpdate, target: _Target, strength: float) -> _RuntimeTerm:
+    like = target.weight
+    key = (like.device, like.dtype, target.row_order is not None)
+    if key not in update.device_copies:
+
+        def cast(t: torch.Tensor | None, *, ordered: bool = True) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return (_ordered(t, target) if ordered else t).to(like.device, like.dtype)
+
+        update.device_copies[key] = (
+            cast(update.down, ordered=False),
+            cast(update.up),
+            cast(update.weight_diff),
+            cast(update.bias_diff),
+        )
+    down, up, diff, bias = update.device_copies[key]
+
+    def scaled(t: torch.Tensor | None, factor: float) -> torch.Tensor | None:
+        return None if t is None else t * factor
+
+    return _RuntimeTerm(
+        target.rows, down, scaled(up, update.scale * strength), scaled(diff, strength),
+        scaled(bias, strength),
+    )  # fmt: skip
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer plus run-time LoRA terms, standing in for the layer it wraps.
+
+    It shares that layer's weight and bias (the state dict is unchanged). ``torch.compile``
+    sees the terms' tensors as graph inputs: a re-weight, or a swap to adapters of the same
+    ranks, reuses the compiled graph; adding or removing a term recompiles the block.
+    """
+
+    def __init__(self, base: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.train(base.training)
         self.terms: list[_RuntimeTerm] = []
 
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        # the output of the linear layer is a fresh tensor: update it in place
-        (x,) = inputs
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
         for term in self.terms:
-            rows = term.target.rows
-            if rows is None:
-                output += term.output_delta(x)
+            # out is a fresh tensor: update it in place
+            if term.rows is None:
+                out += term.output_delta(x)
             else:
-                output[..., rows] += term.output_delta(x)
-        return output
+                out[..., term.rows] += term.output_delta(x)
+        return out
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LoRALinear:
+        super()._apply(fn, recurse)
+        self.terms = [term.apply(fn) for term in self.terms]
+        return self
+
+
+def _set_submodule(network: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(network.get_submodule(parent_name), attribute, module)
 
 
 # --------------------------------------------------------------------------- the set
@@ -531,8 +575,8 @@ class WanLoRAs:
     sequence of changes are bit for bit those of applying the final set to the
     original network, and :meth:`clear` restores the original exactly. The
     originals of touched parameters are kept on the CPU while any adapter touches
-    them. Run-time (unfused) adapters live in forward hooks of the linear layers
-    and leave the weights alone.
+    them. Run-time (unfused) adapters run in :class:`LoRALinear` layers standing in
+    for the linear layers they touch (same parameters) and leave the weights alone.
 
     Apply to the network in its final dtype and layout (after
     ``update_parameters_after_loading_checkpoint`` and the dtype cast). Every
@@ -544,7 +588,8 @@ class WanLoRAs:
         self.network = network
         self._active: list[_Active] = []
         self._originals: dict[nn.Parameter, torch.Tensor] = {}
-        self._hooks: dict[nn.Linear, tuple[_RuntimeHook, Any]] = {}
+        # name -> (original linear layer, the LoRALinear standing in for it)
+        self._wrapped: dict[str, tuple[nn.Linear, LoRALinear]] = {}
 
     @classmethod
     def from_configs(cls, network: WanDiTNetwork, configs: Iterable[LoRAConfig]) -> WanLoRAs:
@@ -674,11 +719,11 @@ class WanLoRAs:
         return _Active(adapter, _resolve_adapter(self.network, adapter), strength, fused)
 
     def _folded(self, active: _Active, target: _Target) -> bool:
-        return active.fused or target.linear is None
+        return active.fused or target.linear_name is None
 
     @torch.no_grad()
     def _commit(self, new_active: list[_Active]) -> None:
-        """Make the network's weights and hooks those of ``new_active`` (all checked already)."""
+        """Make the network's weights and run-time layers those of ``new_active`` (all checked)."""
         changed = [a for a in self._active if a not in new_active]
         changed += [a for a in new_active if a not in self._active]
         touched: dict[nn.Parameter, None] = {}
@@ -697,7 +742,7 @@ class WanLoRAs:
         for param in touched:
             if param not in still_used:
                 del self._originals[param]
-        self._rebuild_hooks()
+        self._rebuild_runtime()
 
     def _recompute(self, param: nn.Parameter) -> set[nn.Parameter]:
         """Set ``param`` to its original plus the folded updates; returns it if any remain."""
@@ -724,18 +769,25 @@ class WanLoRAs:
         param.copy_(total.to(param.dtype))
         return {param} if used else set()
 
-    def _rebuild_hooks(self) -> None:
-        for hook, _handle in self._hooks.values():
-            hook.terms.clear()
+    def _rebuild_runtime(self) -> None:
+        """Wrap the linear layers with run-time terms in :class:`LoRALinear`, unwrap the rest."""
+        wanted: dict[str, list[_RuntimeTerm]] = {}
         for active in self._active:
             for module, target in active.targets.items():
                 if self._folded(active, target):
                     continue
-                assert target.linear is not None
-                if target.linear not in self._hooks:
-                    hook = _RuntimeHook()
-                    self._hooks[target.linear] = (hook, target.linear.register_forward_hook(hook))
-                term = _RuntimeTerm(active.adapter.updates[module], target, active.strength)
-                self._hooks[target.linear][0].terms.append(term)
-        for linear in [linear for linear, (hook, _) in self._hooks.items() if not hook.terms]:
-            self._hooks.pop(linear)[1].remove()
+                assert target.linear_name is not None
+                term = _runtime_term(active.adapter.updates[module], target, active.strength)
+                wanted.setdefault(target.linear_name, []).append(term)
+        for name in wanted:
+            if name not in self._wrapped:
+                original = self.network.get_submodule(name)
+                wrapper = LoRALinear(original)
+                _set_submodule(self.network, name, wrapper)
+                self._wrapped[name] = (original, wrapper)
+        for name, (original, wrapper) in list(self._wrapped.items()):
+            if name in wanted:
+                wrapper.terms = wanted[name]
+            else:
+                _set_submodule(self.network, name, original)
+                del self._wrapped[name]
