@@ -237,6 +237,9 @@ def test_runtime_terms_follow_the_network_to_another_dtype(tmp_path):
     network.to(torch.bfloat16)
     term = network.blocks[0].self_attn.qkv.terms[0]
     assert term.down.dtype == term.up.dtype == term.bias.dtype == torch.bfloat16
+    loras.add(_save(tmp_path, "b", _tensors(seed=18)), fused=False)  # rebuilds a's terms
+    assert [term.up.dtype for term in network.blocks[0].self_attn.qkv.terms] == [torch.bfloat16] * 4
+    loras.remove("b")
     network.to(torch.float32)
     term = network.blocks[0].self_attn.qkv.terms[0]
     assert term.down.dtype == term.up.dtype == term.bias.dtype == torch.float32

@@ -560,10 +560,14 @@ def _set_submodule(network: nn.Module, name: str, module: nn.Module) -> None:
 # --------------------------------------------------------------------------- the set
 @dataclass(eq=False)
 class _Active:
+    """One applied adapter (replaced, not changed, when its strength or mode changes)."""
+
     adapter: LoRAAdapter
     targets: dict[str, _Target]
     strength: float
     fused: bool
+    runtime_terms: dict[tuple, _RuntimeTerm] = field(default_factory=dict)
+    """(module name, device, dtype) -> its run-time term, built on first use."""
 
 
 class WanLoRAs:
@@ -659,14 +663,21 @@ class WanLoRAs:
         every adapter unfused the linear weights are the originals, bit for bit."""
         self._set_fused(names, False)
 
-    def replace(self, adapters: Iterable[LoRAAdapter | LoRAConfig | str | Path]) -> None:
-        """Swap the whole set for ``adapters`` (configs carry strength and mode; paths and
-        read adapters get strength 1, fused). Equal to clearing and adding them, exactly."""
+    def replace(
+        self,
+        adapters: Iterable[LoRAAdapter | LoRAConfig | str | Path],
+        *,
+        strength: float = 1.0,
+        fused: bool = True,
+    ) -> None:
+        """Swap the whole set for ``adapters`` in one change, exactly as if clearing and
+        adding them. A :class:`LoRAConfig` carries its own strength and mode; paths and
+        read adapters (:func:`load_lora`, to swap without reading files) get ``strength``
+        and ``fused``."""
         entries: list[_Active] = []
         for adapter in adapters:
-            entries.append(
-                self._prepare(adapter, 1.0, True, None, taken={a.adapter.name for a in entries})
-            )
+            taken = {entry.adapter.name for entry in entries}
+            entries.append(self._prepare(adapter, strength, fused, None, taken=taken))
         self._commit(entries)
 
     def clear(self) -> None:
@@ -726,48 +737,43 @@ class WanLoRAs:
         """Make the network's weights and run-time layers those of ``new_active`` (all checked)."""
         changed = [a for a in self._active if a not in new_active]
         changed += [a for a in new_active if a not in self._active]
+        # parameters whose folded updates change (run-time ones leave the weights alone)
         touched: dict[nn.Parameter, None] = {}
         for active in changed:
             for target in active.targets.values():
-                touched[target.weight] = None
-                if target.bias is not None:
-                    touched[target.bias] = None
+                if self._folded(active, target):
+                    touched[target.weight] = None
+                    if target.bias is not None:
+                        touched[target.bias] = None
         for param in touched:
             if param not in self._originals:
                 self._originals[param] = param.detach().to("cpu", copy=True)
         self._active = new_active
-        still_used: set[nn.Parameter] = set()
         for param in touched:
-            still_used |= self._recompute(param)
-        for param in touched:
-            if param not in still_used:
+            if not self._recompute(param):
                 del self._originals[param]
         self._rebuild_runtime()
 
-    def _recompute(self, param: nn.Parameter) -> set[nn.Parameter]:
-        """Set ``param`` to its original plus the folded updates; returns it if any remain."""
-        original = self._originals[param]
-        total = original.to(param.device, torch.float32, copy=True)
-        used = False
+    def _recompute(self, param: nn.Parameter) -> bool:
+        """Set ``param`` to its original plus the folded updates; whether there are any."""
+        total = self._originals[param].to(param.device, torch.float32, copy=True)
+        folded = False
         for active in self._active:
             for module, target in active.targets.items():
                 is_weight = target.weight is param
-                if not (is_weight or target.bias is param):
+                if not (is_weight or target.bias is param) or not self._folded(active, target):
                     continue
-                used = True
-                if not self._folded(active, target):
-                    continue
+                folded = True
                 update = active.adapter.updates[module]
                 rows = slice(None) if target.rows is None else target.rows
                 if is_weight:
-                    if update.down is None and update.weight_diff is None:
-                        continue
-                    total[rows] += _weight_delta(update, target, active.strength, total.device)
+                    if update.down is not None or update.weight_diff is not None:
+                        total[rows] += _weight_delta(update, target, active.strength, total.device)
                 elif update.bias_diff is not None:
                     bias = _ordered(update.bias_diff.to(total.device, torch.float32), target)
                     total[rows] += bias * active.strength
         param.copy_(total.to(param.dtype))
-        return {param} if used else set()
+        return folded
 
     def _rebuild_runtime(self) -> None:
         """Wrap the linear layers with run-time terms in :class:`LoRALinear`, unwrap the rest."""
@@ -777,8 +783,11 @@ class WanLoRAs:
                 if self._folded(active, target):
                     continue
                 assert target.linear_name is not None
-                term = _runtime_term(active.adapter.updates[module], target, active.strength)
-                wanted.setdefault(target.linear_name, []).append(term)
+                key = (module, target.weight.device, target.weight.dtype)
+                if key not in active.runtime_terms:
+                    update = active.adapter.updates[module]
+                    active.runtime_terms[key] = _runtime_term(update, target, active.strength)
+                wanted.setdefault(target.linear_name, []).append(active.runtime_terms[key])
         for name in wanted:
             if name not in self._wrapped:
                 original = self.network.get_submodule(name)
