@@ -24,14 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    add_common_arguments,
-    command_line,
-    record,
-    setup_torch,
-    spread,
-    time_interleaved,
-)
+import common  # noqa: E402
 
 RANK = 16
 
@@ -66,9 +59,9 @@ def _adapter_file(network, path: Path, seed: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     args = parser.parse_args()
-    setup_torch()
+    common.setup_torch()
     import torch
 
     from flashdreams.recipes.wan.lora import WanLoRAs, load_lora
@@ -106,7 +99,7 @@ def main() -> None:
         return run
 
     repeats = args.repeats or 7
-    swaps = time_interleaved(
+    swaps = common.time_interleaved(
         {f"swap, {mode}": swap(mode) for mode in loras}
         | {f"re-weight, {mode}": reweight(mode) for mode in loras},
         num_repeats=repeats,
@@ -124,7 +117,7 @@ def main() -> None:
         )
         return lambda: network(tokens, torch.tensor([500.0]), cache, freqs)
 
-    forwards = time_interleaved(
+    forwards = common.time_interleaved(
         {f"forward, {mode}": forward(network) for mode, network in networks.items()},
         num_repeats=repeats,
     )
@@ -142,7 +135,7 @@ def main() -> None:
     for name, samples in (swaps | forwards).items():
         per_call = 2 if not name.startswith("forward") else 1  # swap / re-weight run twice
         medians[name] = statistics.median(samples) / per_call * 1e3
-        lines.append(f"| {name} | {medians[name]:.2f} | {spread(samples)} |")
+        lines.append(f"| {name} | {medians[name]:.2f} | {common.spread(samples)} |")
     lines += [
         "",
         f"**Swap A -> B: fused / run-time = {medians['swap, fused'] / medians['swap, runtime']:.1f}x**; "
@@ -156,9 +149,9 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.record:
-        record(
+        common.record(
             "LoRA adapters: swap and forward, fused vs run-time",
-            command_line(),
+            common.command_line(),
             body,
             label=args.label,
         )

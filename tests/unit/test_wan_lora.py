@@ -238,7 +238,7 @@ def test_runtime_terms_follow_the_network_to_another_dtype(tmp_path):
     term = network.blocks[0].self_attn.qkv.terms[0]
     assert term.down.dtype == term.up.dtype == term.bias.dtype == torch.bfloat16
     loras.add(_save(tmp_path, "b", _tensors(seed=18)), fused=False)  # rebuilds a's terms
-    assert [term.up.dtype for term in network.blocks[0].self_attn.qkv.terms] == [torch.bfloat16] * 4
+    assert [term.up.dtype for term in network.blocks[0].self_attn.qkv.terms] == [torch.bfloat16] * 2
     loras.remove("b")
     network.to(torch.float32)
     term = network.blocks[0].self_attn.qkv.terms[0]
@@ -257,6 +257,9 @@ def test_full_size_diff_keys_on_linears_norms_and_modulation(tmp_path):
         "diffusion_model.blocks.1.norm3.diff_b": torch.randn(DIM, generator=generator),
         "diffusion_model.blocks.0.modulation.diff": torch.randn(1, 6, DIM, generator=generator),
         "diffusion_model.head.head.diff": torch.randn(64, DIM, generator=generator),
+        # two parts of the fused qkv, neither low-rank: one merged run-time term
+        "diffusion_model.blocks.1.self_attn.q.diff": torch.randn(DIM, DIM, generator=generator),
+        "diffusion_model.blocks.1.self_attn.v.diff_b": torch.randn(DIM, generator=generator),
     }
     loras = WanLoRAs(network)
     loras.add(_save(tmp_path, "diff", tensors), strength=0.5, fused=False)
@@ -269,7 +272,7 @@ def test_full_size_diff_keys_on_linears_norms_and_modulation(tmp_path):
         before["blocks.1.norm3.bias"] + 0.5 * tensors["diffusion_model.blocks.1.norm3.diff_b"],
     )
     # the linear layers keep their weights in run-time mode: their diffs run in hooks
-    for key in ("blocks.0.ffn.0.weight", "head.head.weight"):
+    for key in ("blocks.0.ffn.0.weight", "head.head.weight", "blocks.1.self_attn.qkv.bias"):
         assert torch.equal(after[key], before[key])
     runtime = _forward(network)
     assert (runtime - _forward(_network())).abs().max() > 1e-2

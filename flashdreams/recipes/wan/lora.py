@@ -494,7 +494,8 @@ class _RuntimeTerm:
         )
 
 
-def _runtime_term(update: LoRAUpdate, target: _Target, strength: float) -> _RuntimeTerm:
+def _device_copies(update: LoRAUpdate, target: _Target) -> tuple:
+    """``(down, up, diff, bias)`` of ``update`` on the target's device and dtype, rows ordered."""
     like = target.weight
     key = (like.device, like.dtype, target.row_order is not None)
     if key not in update.device_copies:
@@ -510,15 +511,42 @@ def _runtime_term(update: LoRAUpdate, target: _Target, strength: float) -> _Runt
             cast(update.weight_diff),
             cast(update.bias_diff),
         )
-    down, up, diff, bias = update.device_copies[key]
+    return update.device_copies[key]
 
-    def scaled(t: torch.Tensor | None, factor: float) -> torch.Tensor | None:
-        return None if t is None else t * factor
 
-    return _RuntimeTerm(
-        target.rows, down, scaled(up, update.scale * strength), scaled(diff, strength),
-        scaled(bias, strength),
-    )  # fmt: skip
+def _runtime_term(parts: list[tuple[LoRAUpdate, _Target]], strength: float) -> _RuntimeTerm:
+    """One adapter's run-time term of one linear layer. Several parts (``q``, ``k``, ``v`` of
+    the fused ``qkv``) merge into one term: their down matrices stacked, their up matrices
+    placed block-diagonally, so the layer runs one pair of thin matmuls per adapter."""
+    if len(parts) == 1:
+        (update, target), factor = parts[0], parts[0][0].scale * strength
+        down, up, diff, bias = _device_copies(update, target)
+        return _RuntimeTerm(
+            target.rows, down, None if up is None else up * factor,
+            None if diff is None else diff * strength, None if bias is None else bias * strength,
+        )  # fmt: skip
+    weight = parts[0][1].weight
+    zeros = dict(device=weight.device, dtype=weight.dtype)
+    total_rank = sum(update.rank or 0 for update, _ in parts)
+    downs: list[torch.Tensor] = []
+    up = torch.zeros(weight.shape[0], total_rank, **zeros)  # type: ignore[arg-type]
+    diff = bias = None
+    for update, target in parts:
+        part_down, part_up, part_diff, part_bias = _device_copies(update, target)
+        rows = slice(None) if target.rows is None else target.rows
+        if part_down is not None:
+            start = sum(d.shape[0] for d in downs)
+            up[rows, start : start + part_down.shape[0]] = part_up * (update.scale * strength)
+            downs.append(part_down)
+        if part_diff is not None:
+            diff = torch.zeros_like(weight) if diff is None else diff
+            diff[rows] = part_diff * strength
+        if part_bias is not None:
+            bias = torch.zeros(weight.shape[0], **zeros) if bias is None else bias  # type: ignore[arg-type]
+            bias[rows] = part_bias * strength
+    if not downs:
+        return _RuntimeTerm(None, None, None, diff, bias)
+    return _RuntimeTerm(None, torch.cat(downs), up, diff, bias)
 
 
 class LoRALinear(nn.Linear):
@@ -567,7 +595,7 @@ class _Active:
     strength: float
     fused: bool
     runtime_terms: dict[tuple, _RuntimeTerm] = field(default_factory=dict)
-    """(module name, device, dtype) -> its run-time term, built on first use."""
+    """(linear layer name, device, dtype) -> its run-time term, built on first use."""
 
 
 class WanLoRAs:
@@ -779,15 +807,19 @@ class WanLoRAs:
         """Wrap the linear layers with run-time terms in :class:`LoRALinear`, unwrap the rest."""
         wanted: dict[str, list[_RuntimeTerm]] = {}
         for active in self._active:
+            parts: dict[str, list[tuple[LoRAUpdate, _Target]]] = {}
             for module, target in active.targets.items():
-                if self._folded(active, target):
-                    continue
-                assert target.linear_name is not None
-                key = (module, target.weight.device, target.weight.dtype)
+                if not self._folded(active, target):
+                    assert target.linear_name is not None
+                    parts.setdefault(target.linear_name, []).append(
+                        (active.adapter.updates[module], target)
+                    )
+            for name, linear_parts in parts.items():
+                weight = linear_parts[0][1].weight
+                key = (name, weight.device, weight.dtype)
                 if key not in active.runtime_terms:
-                    update = active.adapter.updates[module]
-                    active.runtime_terms[key] = _runtime_term(update, target, active.strength)
-                wanted.setdefault(target.linear_name, []).append(active.runtime_terms[key])
+                    active.runtime_terms[key] = _runtime_term(linear_parts, active.strength)
+                wanted.setdefault(name, []).append(active.runtime_terms[key])
         for name in wanted:
             if name not in self._wrapped:
                 original = self.network.get_submodule(name)
