@@ -405,6 +405,9 @@ def test_bad_calls(tmp_path):
         loras.add(path, strength=float("nan"), name="c")
     loras.add(path, name="c")
     assert loras.names == ["a", "c"]
+    with pytest.raises(ValueError, match="LoRA 'c': strength must be finite, got inf"):
+        loras.set_strength("c", float("inf"))
+    assert loras.strength("c") == 1.0
 
 
 def test_context_projection_flag(tmp_path):

@@ -207,10 +207,10 @@ def read_safetensors_with_metadata(path: str | Path) -> tuple[dict[str, torch.Te
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
     """``key`` -> ``(layout, original Wan module name, part)``, or ``None`` if not understood."""
-    part = next((p for suffix, p in _PART_SUFFIXES if key.endswith(suffix)), None)
-    if part is None:
+    found = next(((s, p) for s, p in _PART_SUFFIXES if key.endswith(s)), None)
+    if found is None:
         return None
-    suffix = next(s for s, p in _PART_SUFFIXES if key.endswith(s) and p == part)
+    suffix, part = found
     module = key[: -len(suffix)]
     layout = "wan"
     for prefix, prefix_layout in _PREFIXES:
@@ -586,6 +586,11 @@ def _set_submodule(network: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- the set
+def _check_strength(name: str, strength: float) -> None:
+    if not math.isfinite(strength):
+        raise ValueError(f"LoRA '{name}': strength must be finite, got {strength}")
+
+
 @dataclass(eq=False)
 class _Active:
     """One applied adapter (replaced, not changed, when its strength or mode changes)."""
@@ -606,8 +611,8 @@ class WanLoRAs:
     updates`` (in fp32, adapters in order, one cast), so the weights after any
     sequence of changes are bit for bit those of applying the final set to the
     original network, and :meth:`clear` restores the original exactly. The
-    originals of touched parameters are kept on the CPU while any adapter touches
-    them. Run-time (unfused) adapters run in :class:`LoRALinear` layers standing in
+    originals of touched parameters are kept on the CPU while a folded update
+    touches them. Run-time (unfused) adapters run in :class:`LoRALinear` layers standing in
     for the linear layers they touch (same parameters) and leave the weights alone.
 
     Apply to the network in its final dtype and layout (after
@@ -675,6 +680,7 @@ class WanLoRAs:
     def set_strength(self, name: str, strength: float) -> None:
         """Re-weight an adapter in place."""
         self._find(name)
+        _check_strength(name, strength)
         self._commit(
             [
                 _Active(a.adapter, a.targets, strength, a.fused) if a.adapter.name == name else a
@@ -748,8 +754,7 @@ class WanLoRAs:
             adapter = load_lora(adapter, name=name)
         elif name is not None and name != adapter.name:
             adapter = LoRAAdapter(name, adapter.path, adapter.layout, adapter.updates)
-        if not math.isfinite(strength):
-            raise ValueError(f"LoRA '{adapter.name}': strength must be finite, got {strength}")
+        _check_strength(adapter.name, strength)
         if adapter.name in taken:
             raise ValueError(
                 f"a LoRA adapter named '{adapter.name}' is already applied; give this one "
