@@ -18,10 +18,11 @@ import diffusers
 import pytest
 import torch
 from diffusers import WanPipeline
+from dit_forward import run_one_chunk
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
-from test_wan_dit_parity import CASES, _build_pair, _inputs, _run_ours, _run_reference
+from test_wan_dit_parity import CASES, _build_pair, _inputs, _run_reference
 
 from flashdreams.recipes.wan.lora import WanLoRAs
 from flashdreams.recipes.wan.transformer import wan_diffusers_state_dict_transform
@@ -104,7 +105,7 @@ def test_peft_lora_matches_diffusers_at_strength_1_and_half(case, tmp_path):
     path = _save_peft(state_dict, config, tmp_path / "peft")
     latent, text, image = _inputs(network, grid, num_text, num_image)
     timestep = torch.tensor([937.5, 12.25])
-    base = _run_ours(network, latent, timestep, text, image)
+    base = run_one_chunk(network, latent, timestep, text, image)
     _load_into_diffusers(reference, path)
     loras = WanLoRAs(network)
     loras.add(path, name="lora")
@@ -112,7 +113,7 @@ def test_peft_lora_matches_diffusers_at_strength_1_and_half(case, tmp_path):
         reference.set_adapters(["lora"], weights=[strength])
         loras.set_strength("lora", strength)
         ref = _run_reference(reference, latent, timestep, text, image)
-        ours = _run_ours(network, latent, timestep, text, image)
+        ours = run_one_chunk(network, latent, timestep, text, image)
         error = (ours - ref).abs().max().item()
         print(f"{case} strength {strength}: max abs diff {error:.3e}")
         assert error <= ATOL
@@ -120,7 +121,7 @@ def test_peft_lora_matches_diffusers_at_strength_1_and_half(case, tmp_path):
         assert (ours - base).abs().max() > 100 * ATOL
     # run-time (unfused) application agrees too
     loras.unfuse()
-    assert (_run_ours(network, latent, timestep, text, image) - ref).abs().max() <= ATOL
+    assert (run_one_chunk(network, latent, timestep, text, image) - ref).abs().max() <= ATOL
 
 
 @torch.no_grad()
@@ -135,7 +136,7 @@ def test_community_layouts_load_to_the_same_result(tmp_path):
     for layout, path in files.items():
         loras = WanLoRAs(network)
         loras.add(path, strength=0.75)
-        outputs[layout] = _run_ours(network, latent, timestep, text, image)
+        outputs[layout] = run_one_chunk(network, latent, timestep, text, image)
         loras.clear()
     for layout, output in outputs.items():
         assert torch.equal(output, outputs["peft"]), layout
@@ -167,5 +168,5 @@ def test_wan_diff_b_keys_match_diffusers(tmp_path):
     latent, text, image = _inputs(network, grid, num_text, num_image)
     timestep = torch.tensor([937.5, 12.25])
     ref = _run_reference(reference, latent, timestep, text, image)
-    ours = _run_ours(network, latent, timestep, text, image)
+    ours = run_one_chunk(network, latent, timestep, text, image)
     assert (ours - ref).abs().max() <= ATOL
