@@ -157,6 +157,13 @@ def cases_for(world_size: int) -> list[Case]:
 
 
 def check_world(rank: int, world_size: int, cases: list[Case], references: dict) -> None:
+    compare_cases(rank, world_size, cases, references)
+    explicit_mesh_equals_detection(rank, world_size)
+    extra_checks(rank, world_size)
+
+
+def compare_cases(rank: int, world_size: int, cases: list[Case], references: dict) -> None:
+    """Each case's rollout on this world equals its single-process reference (chunk by chunk)."""
     for case in cases:
         latents = rollout(case)
         for index, latent in enumerate(latents):
@@ -167,8 +174,6 @@ def check_world(rank: int, world_size: int, cases: list[Case], references: dict)
             assert latent.shape == want.shape, (case.name, index, latent.shape, want.shape)
             err = (latent - want).abs().max().item()
             assert err <= TOL, f"{case.name} N={world_size} chunk {index}: max abs {err:.3e}"
-    explicit_mesh_equals_detection(rank, world_size)
-    extra_checks(rank, world_size)
 
 
 def explicit_mesh_equals_detection(rank: int, world_size: int) -> None:

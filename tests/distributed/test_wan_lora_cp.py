@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from _spawn import run_on_ranks
 from safetensors.torch import save_file
-from test_wan_cp import Case, check_world, network_config, rollout
+from test_wan_cp import Case, compare_cases, network_config, rollout
 
 from flashdreams.recipes.wan.lora import LoRAConfig
 from flashdreams.recipes.wan.transformer import WanDiTNetwork
+from flashdreams.testing import run_on_ranks
 
 
 def _random_lora_on_every_linear(path) -> None:
@@ -47,4 +47,4 @@ def test_cp_rollout_with_lora_equals_single_process(tmp_path):
     without_lora = rollout(Case("ring"))
     assert (references["ring-lora"][-1] - without_lora[-1]).abs().max() > 1e-2
     assert (references["ring-lora"][-1] - references["ulysses-lora-runtime"][-1]).abs().max() < 1e-4
-    run_on_ranks(check_world, 2, cases, references)
+    run_on_ranks(compare_cases, 2, cases, references)

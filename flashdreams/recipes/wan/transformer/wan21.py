@@ -24,8 +24,8 @@ from flashdreams.infra.diffusion.transformer import (
     TransformerAutoregressiveCache,
     TransformerConfig,
 )
-from flashdreams.recipes.wan.transformer.acceleration import AccelerationPolicy, NetworkExecutor
 from flashdreams.recipes.wan.lora import LoRAConfig, WanLoRAs
+from flashdreams.recipes.wan.transformer.acceleration import AccelerationPolicy, NetworkExecutor
 from flashdreams.recipes.wan.transformer.i2v import (
     I2VCtrl,
     conditioned_tokens,
