@@ -269,7 +269,9 @@ def test_bad_input_fails_cleanly(matrix, name):
         assert "Traceback" not in result.stderr, result.stderr
         assert len(error_lines) == 1
     else:
-        assert {line.split("]")[0] for line in error_lines} == {
+        # Every line names its rank. torchrun stops the other rank as soon as one exits, so
+        # under load the second rank may be killed before it prints its own line.
+        assert {line.split("]")[0] for line in error_lines} <= {
             "flashdreams-run: error: [rank 0",
             "flashdreams-run: error: [rank 1",
         }
