@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flashdreams.recipes.wan.lora import LoRAConfig, WanLoRAs, load_lora
+from flashdreams.recipes.wan.lora import LoRAConfig, LoRALinear, WanLoRAs, load_lora
 from flashdreams.recipes.wan.transformer import (
     Wan21TransformerConfig,
     Wan22TransformerConfig,
     WanDiTNetwork,
     WanDiTNetworkTinyConfig,
 )
+from flashdreams.recipes.wan.transformer.cuda_graph import CUDAGraphWrapper
 from flashdreams.recipes.wan.transformer.impl.rope import WanRope
 
 DIM, FFN_DIM, RANK = 32, 64, 3
@@ -419,14 +420,9 @@ def test_context_projection_flag(tmp_path):
 
 
 def _tiny_transformer_config(**changes) -> Wan21TransformerConfig:
+    fields = dict(len_t=2, window_size_t=4, compile_network=False, use_cuda_graph=False)
     return Wan21TransformerConfig(
-        network=WanDiTNetworkTinyConfig(),
-        dtype=torch.float32,
-        len_t=2,
-        window_size_t=4,
-        compile_network=False,
-        use_cuda_graph=False,
-        **changes,
+        network=WanDiTNetworkTinyConfig(), dtype=torch.float32, **(fields | changes)
     )
 
 
@@ -491,3 +487,74 @@ def test_loras_from_the_command_line_and_back(tmp_path):
     assert (
         changed - plain.network.state_dict()["blocks.0.self_attn.qkv.weight"]
     ).abs().max() > 1e-2
+
+
+class _TermCheckingGraph(CUDAGraphWrapper):
+    """CPU stand-in for :class:`CUDAGraphWrapper`: a "captured" key remembers the run-time
+    LoRA terms of the network (a CUDA graph replays the tensors it captured) and a replay
+    under other terms fails."""
+
+    def __init__(self, fn, network: WanDiTNetwork) -> None:
+        super().__init__(fn, warmup_iters=0)
+        self.network = network
+        self.num_resets = 0
+
+    def _terms(self) -> list[tuple[str, list[int]]]:
+        return [
+            (name, [id(term) for term in module.terms])
+            for name, module in self.network.named_modules()
+            if isinstance(module, LoRALinear)
+        ]
+
+    def reset(self) -> None:
+        super().reset()
+        self.num_resets += 1
+
+    def __call__(self, key, *tensors, **static_kwargs):
+        captured = self._graphs.setdefault(key, self._terms())
+        assert captured == self._terms(), "replayed a graph captured with other LoRA terms"
+        return self.fn(*tensors, **static_kwargs)
+
+
+@torch.no_grad()
+def test_a_change_of_runtime_adapters_drops_captured_graphs(tmp_path):
+    """A swap of run-time adapters between steady-state chunks: the transformer drops
+    its captured graphs (they would replay the old terms) and the next chunks equal an
+    eager transformer with the same adapters."""
+    path_a = _save(tmp_path, "a", _tensors(seed=15))
+    path_b = _save(tmp_path, "b", _tensors(seed=16))
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        config = _tiny_transformer_config(
+            len_t=1, window_size_t=3, loras=[LoRAConfig(path=str(path_a), fused=False)]
+        )
+        models.append(config.setup().eval())
+    graphed, eager = models
+    graphed.executor._resolved = True
+    graph = graphed.executor.graph = _TermCheckingGraph(
+        graphed.executor._graph_call, graphed.network
+    )
+    text = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+    caches = [
+        model.initialize_autoregressive_cache(height=4, width=4, text_embeddings=text)
+        for model in models
+    ]
+    generator = torch.Generator().manual_seed(1)
+    for index in range(7):
+        if index == 5:  # steady state since chunk 3
+            assert graph.num_resets == 1 and graph._graphs  # the rollout's first capture
+            for model in models:
+                model.loras.replace([LoRAConfig(path=str(path_b), fused=False)])
+            assert graph.num_resets == 2 and not graph._graphs
+        x = torch.randn(graphed.latent_shape, generator=generator)
+        for cache in caches:
+            cache.start(index)
+        flows = [
+            model.predict_flow(x, torch.tensor(700.0), cache)
+            for model, cache in zip(models, caches, strict=True)
+        ]
+        for model, cache in zip(models, caches, strict=True):
+            model.finalize_kv_cache(x, torch.tensor(0.0), cache)
+        torch.testing.assert_close(flows[0], flows[1], rtol=0, atol=1e-6)
+    assert graph._graphs  # captured again under adapter b

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -621,17 +621,28 @@ class WanLoRAs:
     the network as it was.
     """
 
-    def __init__(self, network: WanDiTNetwork) -> None:
+    def __init__(
+        self, network: WanDiTNetwork, *, on_change: Callable[[], None] | None = None
+    ) -> None:
         self.network = network
+        # Called after every change (the transformer drops its captured CUDA graphs:
+        # they would replay the run-time terms they captured).
+        self._on_change = on_change
         self._active: list[_Active] = []
         self._originals: dict[nn.Parameter, torch.Tensor] = {}
         # name -> (original linear layer, the LoRALinear standing in for it)
         self._wrapped: dict[str, tuple[nn.Linear, LoRALinear]] = {}
 
     @classmethod
-    def from_configs(cls, network: WanDiTNetwork, configs: Iterable[LoRAConfig]) -> WanLoRAs:
+    def from_configs(
+        cls,
+        network: WanDiTNetwork,
+        configs: Iterable[LoRAConfig],
+        *,
+        on_change: Callable[[], None] | None = None,
+    ) -> WanLoRAs:
         """Read and apply the adapters of ``configs`` (all files are read before any is applied)."""
-        loras = cls(network)
+        loras = cls(network, on_change=on_change)
         configs = list(configs)
         if configs:
             loras.replace(configs)
@@ -786,6 +797,8 @@ class WanLoRAs:
             if not self._recompute(param):
                 del self._originals[param]
         self._rebuild_runtime()
+        if self._on_change is not None:
+            self._on_change()
 
     def _recompute(self, param: nn.Parameter) -> bool:
         """Set ``param`` to its original plus the folded updates; whether there are any."""

@@ -57,6 +57,12 @@ class NetworkExecutor:
         # cache may be freed; an id() could then be reused by the next rollout's).
         self._graph_cache_ref: weakref.ref[WanDiTNetworkCache] | None = None
 
+    def reset_graphs(self) -> None:
+        """Drop the captured CUDA graphs (after a change they would not see, e.g. of the
+        run-time LoRA terms); the next steady-state chunks capture them again."""
+        if self.graph is not None:
+            self.graph.reset()
+
     def _resolve(self, device: torch.device) -> None:
         if self._resolved:
             return

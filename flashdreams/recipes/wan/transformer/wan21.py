@@ -209,8 +209,6 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         self.network.update_parameters_after_loading_checkpoint()
         self.network.to(config.dtype)
         self.network.keep_modulation_in_fp32()
-        # The LoRA adapters applied to the network (config.loras); changed in place.
-        self.loras = WanLoRAs.from_configs(self.network, config.loras)
         self._height: int | None = None
         self._width: int | None = None
         self.executor = NetworkExecutor(
@@ -223,6 +221,10 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
                 capture_from_chunk=self.cuda_graph_capture_ar_idx,
             ),
             context_parallel=self.parallel.mesh is not None,
+        )
+        # The LoRA adapters applied to the network (config.loras); changed in place.
+        self.loras = WanLoRAs.from_configs(
+            self.network, config.loras, on_change=self.executor.reset_graphs
         )
 
     @property
