@@ -13,7 +13,7 @@ e2e (4: T2V vs diffusers WanPipeline), vae (Wan VAE decode/encode vs
 diffusers, the decoder behind 4), cp (5: bench_cp.py bytes + attention step and
 bench_cp_step.py DiT step at CP 1 vs 2), cfg_parallel (CFG branches on two ranks vs
 batched CFG at CP 2), overlap (runner.overlap_decode on vs off), memory (6: 200-chunk
-RSS), startup (7), lora (LoRA swap / re-weight / forward, fused vs run-time), gpu (8: bench/gpu/bench_gpu.py; prints a message and exits on
+RSS), startup (7), lora (LoRA swap / re-weight / forward, fused vs run-time), quantization (int8 weights and int8 / fp8 KV cache vs fp32), gpu (8: bench/gpu/bench_gpu.py; prints a message and exits on
 machines without CUDA).
 """
 
@@ -46,6 +46,7 @@ BENCHMARKS: dict[str, tuple[str, bool, str]] = {
     "memory": ("bench_memory.py", True, ""),
     "startup": ("bench_startup.py", True, ""),
     "lora": ("bench_lora.py", True, ""),
+    "quantization": ("bench_quantization.py", True, ""),
     "gpu": ("gpu/bench_gpu.py", True, ""),
 }
 GROUPS = {"cp": ["cp", "cp_step"]}

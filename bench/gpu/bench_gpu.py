@@ -13,7 +13,11 @@ setting), so it is full from chunk 7 on. Reported per acceleration mode:
   17 FPS, our target > 25.
 
 Modes: ``eager`` (no compile, no graphs), ``compile`` (``torch.compile`` of the network),
-``cudagraph`` (compile + CUDA-graph replay of the steady-state step).
+``cudagraph`` (compile + CUDA-graph replay of the steady-state step); the low-precision
+rows ``cudagraph-int8`` (int8 weight-only), ``cudagraph-fp8`` (torchao fp8 weights and
+activations, needs compute capability >= 8.9), ``cudagraph-fp8-kv_fp8`` (plus an fp8
+e4m3 KV cache) and ``eager-te_fp8`` (transformer-engine linears under fp8 autocast, needs
+the ``[gpu]`` extra). A mode whose hardware or package is missing is reported and skipped.
 
 On a machine without CUDA the script prints a message and exits 0. ``--smoke`` runs the
 same code path on CPU at a tiny size (fp32, 2 + 2 chunks) to check that it works.
@@ -40,6 +44,18 @@ MODES = {
     "eager": dict(compile_network=False, use_cuda_graph=False),
     "compile": dict(compile_network=True, use_cuda_graph=False),
     "cudagraph": dict(compile_network=True, use_cuda_graph=True),
+    # Low-precision tier (README "Low precision"): weights, KV cache, transformer-engine.
+    "cudagraph-int8": dict(
+        compile_network=True, use_cuda_graph=True, quantization="int8_weight_only"
+    ),
+    "cudagraph-fp8": dict(compile_network=True, use_cuda_graph=True, quantization="fp8"),
+    "cudagraph-fp8-kv_fp8": dict(
+        compile_network=True,
+        use_cuda_graph=True,
+        quantization="fp8",
+        kv_cache_dtype="fp8_e4m3",
+    ),
+    "eager-te_fp8": dict(compile_network=False, use_cuda_graph=False, quantization="te_fp8"),
 }
 
 
@@ -140,7 +156,11 @@ def run_mode(mode: str, *, num_chunks: int, smoke: bool, decoder_kind: str) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modes", default="eager,compile,cudagraph")
+    parser.add_argument(
+        "--modes",
+        default="eager,compile,cudagraph,cudagraph-int8,cudagraph-fp8,cudagraph-fp8-kv_fp8,"
+        "eager-te_fp8",
+    )
     parser.add_argument("--decoders", default="wan-vae,taehv")
     parser.add_argument("--chunks", type=int, default=12, help="AR chunks per mode")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of the code path")
@@ -164,9 +184,13 @@ def main() -> None:
     rows = []
     for mode in modes:
         for decoder_kind in args.decoders.split(","):
-            result = run_mode(
-                mode, num_chunks=num_chunks, smoke=args.smoke, decoder_kind=decoder_kind
-            )
+            try:
+                result = run_mode(
+                    mode, num_chunks=num_chunks, smoke=args.smoke, decoder_kind=decoder_kind
+                )
+            except (ImportError, ValueError) as error:  # fp8 / TE not available here
+                print(f"{mode} {decoder_kind}: skipped: {error}", flush=True)
+                continue
             rows.append((mode, decoder_kind, result))
             print(mode, decoder_kind, result, flush=True)
     if args.smoke:

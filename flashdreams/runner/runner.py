@@ -81,6 +81,21 @@ class RunnerConfig(InstantiateConfig):
     """Time every stage of every AR step (sets ``pipeline.enable_sync_and_profile``)."""
     check_finite: bool = True
     """Fail at the first AR step whose latent holds NaN/Inf (one cheap reduction per chunk)."""
+    quality_check: bool = False
+    """Low-precision guard (:mod:`flashdreams.runner.quality`): before the rollout, generate
+    the first ``quality_check_chunks`` chunks at the reference precision (every
+    ``quantization`` / ``kv_cache_dtype`` set to ``none``) and as configured, on the same
+    noise; report PSNR and latent error in ``stats.json`` and stop below the thresholds.
+    Also turns the black / constant frame warning of every chunk into an error."""
+    quality_check_chunks: int = 1
+    """AR steps compared by ``quality_check``."""
+    quality_min_psnr_db: float = 20.0
+    """``quality_check`` stops when the decoded frames' PSNR vs the reference is below this
+    (frames in [-1, 1], peak-to-peak 2). A working int8 / fp8 mode stays well above it;
+    a broken scale or a black video falls far below."""
+    quality_max_latent_error: float = 0.25
+    """``quality_check`` stops when the clean latents' relative L2 error vs the reference is
+    above this."""
     overlap_decode: bool = False
     """Decode and write chunk ``i`` on a background thread (rank 0 only) while the main thread
     finalizes it and denoises chunk ``i + 1``; on CUDA the decoder runs on its own stream. The
@@ -134,6 +149,10 @@ def validate_runner_config(config: RunnerConfig) -> None:
     """Check user input before anything is built or written (``ValueError`` / ``FileNotFoundError``)."""
     if config.num_chunks < 1:
         raise ValueError(f"runner.num_chunks must be >= 1, got {config.num_chunks}")
+    if config.quality_check_chunks < 1:
+        raise ValueError(
+            f"runner.quality_check_chunks must be >= 1, got {config.quality_check_chunks}"
+        )
     if config.height < 1 or config.width < 1:
         raise ValueError(
             f"runner.height and runner.width must be positive, got {config.height}x{config.width}"
@@ -234,13 +253,14 @@ class Runner:
 
     # ---- pipeline ------------------------------------------------------------
 
-    def build_pipeline(self) -> RunnerPipeline:
-        """Seed the global RNG and build the pipeline on this rank's device."""
+    def build_pipeline(self, pipeline_config: Any = None) -> RunnerPipeline:
+        """Seed the global RNG and build the pipeline (``self.pipeline_config`` by default)
+        on this rank's device."""
         import torch
 
         from flashdreams.infra.config import derive_config
 
-        pipeline_config = self.pipeline_config
+        pipeline_config = pipeline_config or self.pipeline_config
         if self.config.profile:
             pipeline_config = derive_config(pipeline_config, enable_sync_and_profile=True)
         torch.manual_seed(self.config.seed)
@@ -300,6 +320,9 @@ class Runner:
         started = time.perf_counter()
         prompts = self.prompts()
         self._prepare_run_dir()
+        quality_reference = (
+            self._quality_reference(prompts[0]) if self.config.quality_check else None
+        )
         pipeline = self.build_pipeline()
         build_s = time.perf_counter() - started
         logger.info(f"built pipeline '{self.pipeline_config.name}' in {build_s:.2f} s")
@@ -317,6 +340,10 @@ class Runner:
         diffusion_model = getattr(pipeline, "diffusion_model", None)
         if diffusion_model is not None and hasattr(diffusion_model, "before_denoising_step"):
             diffusion_model.before_denoising_step = self._check_stop_between_steps
+        if self.config.quality_check:
+            stats["quality_check"] = self._quality_check(
+                pipeline, prompts[0], latent_size, quality_reference
+            )
         try:
             all_latents = self._run_prompts(pipeline, prompts, latent_size)
         except BaseException as error:
@@ -404,6 +431,100 @@ class Runner:
             f"{steady})"
         )
 
+    # ---- quality guard (runner.quality_check) ------------------------------------------------
+
+    def _first_chunks(self, pipeline: RunnerPipeline, prompt: str, latent_size: tuple[int, int]):
+        """The first ``quality_check_chunks`` chunks of a fresh session (``None`` off the
+        output rank); the global and model RNGs are left as they were."""
+        import torch
+
+        from flashdreams.runner.quality import generate_first_chunks
+
+        config = self.config
+        image = self.first_frame(config.height, config.width)
+        # Random-weight encoders are built from the global RNG on first use: restore it after.
+        cpu_rng = torch.random.get_rng_state()
+        cuda_rngs = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        outputs = generate_first_chunks(
+            pipeline,
+            num_chunks=min(config.quality_check_chunks, config.num_chunks),
+            text=[prompt],
+            image=None if image is None else image.to(self.context.device),
+            height=latent_size[0],
+            width=latent_size[1],
+        )
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rngs is not None:
+            torch.cuda.set_rng_state_all(cuda_rngs)
+        diffusion_model = getattr(pipeline, "diffusion_model", None)
+        if diffusion_model is not None and hasattr(diffusion_model, "reset_rng"):
+            diffusion_model.reset_rng()  # the rollout draws the noise it would without the check
+        return outputs
+
+    def _quality_reference(self, prompt: str):
+        """Build the reference-precision pipeline, run the first chunks, free it."""
+        import gc
+
+        import torch
+        from loguru import logger
+
+        from flashdreams.runner.quality import reference_precision_config
+
+        logger.info("quality check: generating the first chunk(s) at the reference precision")
+        reference_pipeline = self.build_pipeline(reference_precision_config(self.pipeline_config))
+        latent_size = self._latent_size(reference_pipeline, self.config.height, self.config.width)
+        outputs = self._first_chunks(reference_pipeline, prompt, latent_size)
+        del reference_pipeline
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return outputs
+
+    def _quality_check(
+        self,
+        pipeline: RunnerPipeline,
+        prompt: str,
+        latent_size: tuple[int, int],
+        reference: Any,
+    ) -> dict[str, Any] | None:
+        """Compare the configured pipeline's first chunks with ``reference``; every rank
+        raises :class:`~flashdreams.runner.quality.QualityCheckError` alike on failure."""
+        import torch.distributed as dist
+        from loguru import logger
+
+        from flashdreams.runner.quality import (
+            QualityCheckError,
+            compare_with_reference,
+            low_precision_settings,
+        )
+
+        config = self.config
+        outputs = self._first_chunks(pipeline, prompt, latent_size)
+        report, failure = None, None
+        if outputs is not None and reference is not None:
+            try:
+                report = compare_with_reference(
+                    outputs,
+                    reference,
+                    min_psnr_db=config.quality_min_psnr_db,
+                    max_latent_error=config.quality_max_latent_error,
+                    settings=low_precision_settings(self.pipeline_config),
+                )
+            except QualityCheckError as error:
+                failure = str(error)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shared = [failure]
+            dist.broadcast_object_list(shared, src=0)
+            failure = shared[0]
+        if failure is not None:
+            raise QualityCheckError(failure)
+        if report is not None:
+            logger.info(
+                f"quality check: PSNR {report['psnr_db']:.1f} dB, latent relative error "
+                f"{report['latent_relative_error']:.3g} vs the reference precision"
+            )
+        return report
+
     def _finish_stats(self, stats: dict[str, Any], started: float) -> None:
         stats["prompt_index"] = self.progress.prompt_index
         stats["last_completed_chunk"] = self.progress.last_completed_chunk
@@ -470,14 +591,18 @@ class Runner:
 
     def _make_sink(self, video_path: Path) -> ChunkSink:
         """The inline sink, or the background one with ``runner.overlap_decode``; rank 0 writes."""
+        from flashdreams.runner.quality import flag_frames
         from flashdreams.runner.video import Mp4Writer
         from flashdreams.session import BackgroundDecodeSink, InlineDecodeSink
 
         writer = Mp4Writer(video_path, fps=self.config.fps) if self.is_writer else None
-        check = self.config.check_finite
+        checks = dict(
+            check_finite=self.config.check_finite,
+            frame_check=functools.partial(flag_frames, stop=self.config.quality_check),
+        )
         if self.config.overlap_decode:
-            return BackgroundDecodeSink(writer, device=self.context.device, check_finite=check)
-        return InlineDecodeSink(writer, check_finite=check)
+            return BackgroundDecodeSink(writer, device=self.context.device, **checks)
+        return InlineDecodeSink(writer, **checks)
 
     def _rollout(
         self, pipeline: RunnerPipeline, prompt: str, name: str, latent_size: tuple[int, int]

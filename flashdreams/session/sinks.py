@@ -62,6 +62,10 @@ class ProducedChunk:
     """Decoded chunk ``[*batch, T, 3, H, W]`` in [-1, 1] (inline sink, output rank)."""
 
 
+FrameCheck = Callable[[torch.Tensor, int], None]
+"""``check(video, index)``: inspects a decoded chunk ``[*batch, T, 3, H, W]`` before it is
+written (warns, or raises to stop the session)."""
+
 WrittenCallback = Callable[[int, int], None]
 """``on_written(index, num_frames)``: the chunk's frames are written (0 frames off the
 writing rank). May be called from a background thread."""
@@ -74,9 +78,16 @@ class ChunkSink(ABC):
     :meth:`deliver` -> (``finalize``); at the end :meth:`drain` and :meth:`close`.
     """
 
-    def __init__(self, writer: FrameWriter | None, *, check_finite: bool = True) -> None:
+    def __init__(
+        self,
+        writer: FrameWriter | None,
+        *,
+        check_finite: bool = True,
+        frame_check: FrameCheck | None = None,
+    ) -> None:
         self.writer = writer
         self.check_finite = check_finite
+        self.frame_check = frame_check
         self.critical: Critical = nullcontext
         self.on_written: WrittenCallback = lambda index, num_frames: None
 
@@ -112,6 +123,10 @@ class ChunkSink(ABC):
                 self.writer.close()
             self.writer = None
 
+    def _check_frames(self, video: torch.Tensor, index: int) -> None:
+        if self.frame_check is not None:
+            self.frame_check(video, index)
+
     def _write(self, video: torch.Tensor) -> int:
         """Append the first batch element's frames; returns their count."""
         assert self.writer is not None
@@ -131,6 +146,8 @@ class InlineDecodeSink(ChunkSink):
     def deliver(self, chunk: ProducedChunk, stats: ChunkStats) -> None:
         started = time.perf_counter()
         num_frames = 0
+        if chunk.video is not None:
+            self._check_frames(chunk.video, chunk.index)
         if self.writer is not None and chunk.video is not None:
             with self.critical():
                 num_frames = self._write(chunk.video)
@@ -149,9 +166,14 @@ class BackgroundDecodeSink(ChunkSink):
     """
 
     def __init__(
-        self, writer: FrameWriter | None, *, device: Any, check_finite: bool = True
+        self,
+        writer: FrameWriter | None,
+        *,
+        device: Any,
+        check_finite: bool = True,
+        frame_check: FrameCheck | None = None,
     ) -> None:
-        super().__init__(writer, check_finite=check_finite)
+        super().__init__(writer, check_finite=check_finite, frame_check=frame_check)
         self.worker = None
         if writer is not None:
             from flashdreams.session.worker import BackgroundChunkWorker
@@ -196,6 +218,7 @@ class BackgroundDecodeSink(ChunkSink):
             timer.record("decode")
             if self.check_finite:
                 check_finite(video, index)
+            self._check_frames(video, index)
             decode_s = timer.sync_and_summarize()["decode"] / 1000.0
             started = time.perf_counter()
             # no stop guard here: signals reach the main thread only

@@ -9,7 +9,8 @@ chunk (max abs difference <= 1e-5, fp32). One spawn per world size runs all
 of its cases.
 
 Every case: 4 chunks, a sink + rolling window smaller than the rollout, CFG
-(guidance 3 with negative embeddings), an I2V stamp on the first frame,
+(guidance 3 with negative embeddings; so the quantised-cache cases also
+cover batch slices of an int8 / fp8 cache), an I2V stamp on the first frame,
 ``context_noise > 0`` (re-noising draws before each cache write) and a
 two-step self-forcing scheduler (one re-noising draw per chunk). Chunks have
 5 or 10 tokens, so 2, 3 and 4 ranks all need padding (4 ranks on 5 tokens:
@@ -147,6 +148,9 @@ def cases_for(world_size: int) -> list[Case]:
         cases += [
             Case("ulysses-relative-rope", cp_method="ulysses", relative_rope=True),
             Case("wan22-ring", wan22=True),
+            # Quantised KV caches: 2 ranks == 1 rank with the same quantised storage.
+            Case("ring-kv-int8", len_t=2, window_size_t=3, extra={"kv_cache_dtype": "int8"}),
+            Case("ulysses-kv-fp8", cp_method="ulysses", extra={"kv_cache_dtype": "fp8_e4m3"}),
         ]
     if world_size == 4:
         cases += [

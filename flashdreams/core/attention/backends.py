@@ -22,6 +22,9 @@ Backends:
 * ``"flash_attn"``: the optional ``flash-attn`` package (``pip install
   'flashdreams[gpu]'``); CUDA, fp16/bf16, returns lse, no mask.
 * ``"cudnn"``: torch SDPA pinned to the cuDNN kernel; CUDA, no lse, no mask.
+* ``"te_fused"``: transformer-engine's fused attention (``DotProductAttention``,
+  ``pip install -e '.[gpu]'``); CUDA, fp16/bf16, no lse (so not under ring CP), no
+  mask; imported on first use only.
 
 A backend without mask support still serves a padding mask that is a prefix
 (real keys first, padding after, the same count in every batch row), which
@@ -31,6 +34,7 @@ are sliced off instead of masked.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -413,5 +417,43 @@ register_attention_backend(
         returns_lse=False,
         is_available=_cudnn_available,
         install_hint="needs a CUDA build of torch with cuDNN",
+    )
+)
+
+
+# ------------------------------------------------------------- transformer-engine
+def _te_fused_attention(q, k, v, key_padding_mask):
+    assert key_padding_mask is None
+    batch, num_queries, num_heads, head_dim = q.shape
+    out = _te_dot_product_attention(num_heads, head_dim)(q, k, v)
+    # [B, Lq, H*D] -> [B, Lq, H, D]
+    return out.reshape(batch, num_queries, num_heads, head_dim), None
+
+
+@functools.cache
+def _te_dot_product_attention(num_heads: int, head_dim: int):  # noqa: ANN202
+    """TE's fused attention module for ``[B, L, H, D]`` inputs without a mask (built once)."""
+    from flashdreams.core.quantization import import_transformer_engine
+
+    te = import_transformer_engine()
+    return te.DotProductAttention(
+        num_heads, head_dim, qkv_format="bshd", attn_mask_type="no_mask", attention_dropout=0.0
+    )
+
+
+def _te_available() -> bool:
+    return torch.cuda.is_available() and find_spec("transformer_engine") is not None
+
+
+register_attention_backend(
+    AttentionBackend(
+        name="te_fused",
+        fn=_te_fused_attention,
+        device_types=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16),
+        supports_mask=False,
+        returns_lse=False,
+        is_available=_te_available,
+        install_hint="pip install -e '.[gpu]' (transformer-engine[pytorch]) on a CUDA machine",
     )
 )

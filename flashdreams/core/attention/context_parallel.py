@@ -136,9 +136,7 @@ class ContextParallelKVCache(KVCache):
         self.num_committed_chunks = [0]  # shared with batch slices
 
     def batch_slice(self, start: int, stop: int) -> ContextParallelKVCache:
-        view = ContextParallelKVCache._view(
-            self, self.k[start:stop], self.v[start:stop], self.valid
-        )
+        view = ContextParallelKVCache._view(self, start, stop)
         view.layout = self.layout
         view.ring_budgets = self.ring_budgets
         view.num_committed_chunks = self.num_committed_chunks
@@ -208,6 +206,7 @@ class ContextParallelSelfAttention:
         sink_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        quantization: str = "none",
     ) -> ContextParallelKVCache:
         """This rank's cache for a rollout whose chunks have ``chunk_size`` tokens (global).
 
@@ -239,6 +238,7 @@ class ContextParallelSelfAttention:
             sink_size=layout.cached_count(sink_size, from_end=False),
             device=device,
             dtype=dtype,
+            quantization=quantization,
         )
 
     def self_attention(

@@ -13,6 +13,18 @@ after the committed tokens receives the current chunk's K/V on every call,
 so attention reads one contiguous prefix ``[:num_filled + n]`` with no
 concatenation. Memory never grows: once the window is full, committing a
 chunk shifts the window left in place and drops its oldest tokens.
+
+Quantised storage (``quantization="int8"`` or ``"fp8_e4m3"``) keeps ``k`` / ``v`` as
+int8 or float8 e4m3 with one bf16 scale per token and head::
+
+    k, v            [B, capacity, H, D]  int8 / float8_e4m3fn
+    k_scale, v_scale [B, capacity, H, 1] bf16, scale = amax over D / (127 or 448)
+
+:meth:`stage` dequantises the committed tokens to the compute dtype of the incoming
+chunk and hands the chunk itself to attention unquantised, so only K/V read back from
+the cache carry the rounding. The scales are per token and head, so a token's stored
+value does not depend on how tokens or heads are split across context-parallel ranks.
+Bytes per element: 1 + 2 / D (0.51x of bf16 at D = 128).
 """
 
 from __future__ import annotations
@@ -20,6 +32,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+KV_CACHE_QUANTIZATIONS = ("none", "int8", "fp8_e4m3")
+"""Storage modes of :class:`KVCache`: the compute dtype, int8 or float8 e4m3 with scales."""
+
+_STORAGE = {"int8": (torch.int8, 127.0), "fp8_e4m3": (torch.float8_e4m3fn, 448.0)}
+_SCALE_DTYPE = torch.bfloat16
+
+
+def quantize_per_token_head(
+    x: torch.Tensor, quantization: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> (``q`` in the storage dtype, ``scale [..., 1]`` bf16), symmetric.
+
+    The scale is rounded to bf16 before dividing, so ``q * scale`` reproduces ``x`` up to
+    the storage rounding alone.
+    """
+    storage_dtype, max_value = _STORAGE[quantization]
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / max_value, torch.ones_like(amax)).to(_SCALE_DTYPE)
+    scaled = x.float() / scale.float()
+    if storage_dtype == torch.int8:
+        scaled = scaled.round()
+    return scaled.clamp(-max_value, max_value).to(storage_dtype), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize_per_token_head`, in ``dtype``."""
+    return (q.float() * scale.float()).to(dtype)
 
 
 @dataclass
@@ -32,6 +72,11 @@ class KVCacheCounters:
     """Tokens committed since the rollout started (grows without bound)."""
     has_padding: bool = False
     """Whether a padding (invalid) key was ever staged; lets attention skip the mask."""
+
+
+def storage_quantization(storage: torch.Tensor) -> str:
+    """The quantisation mode whose storage dtype ``storage`` has."""
+    return next(name for name, (dtype, _) in _STORAGE.items() if dtype == storage.dtype)
 
 
 class KVCache:
@@ -48,7 +93,13 @@ class KVCache:
         sink_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        quantization: str = "none",
     ) -> None:
+        if quantization not in KV_CACHE_QUANTIZATIONS:
+            raise ValueError(
+                f"KV cache quantization must be one of {', '.join(KV_CACHE_QUANTIZATIONS)}; "
+                f"got {quantization!r}"
+            )
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if window_size < 0 or sink_size < 0:
@@ -59,28 +110,41 @@ class KVCache:
         self.chunk_size = chunk_size
         self.window_size = window_size
         self.sink_size = sink_size
+        self.quantization = quantization
         capacity = sink_size + window_size + chunk_size
-        self.k = torch.zeros(batch_size, capacity, num_heads, head_dim, device=device, dtype=dtype)
+        shape = (batch_size, capacity, num_heads, head_dim)
+        storage_dtype = dtype if quantization == "none" else _STORAGE[quantization][0]
+        self.k = torch.zeros(shape, device=device, dtype=storage_dtype)
         self.v = torch.zeros_like(self.k)
+        # Per token and head scales of quantised storage; None in the compute dtype.
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        if quantization != "none":
+            self.k_scale = torch.ones(shape[:-1] + (1,), device=device, dtype=_SCALE_DTYPE)
+            self.v_scale = torch.ones_like(self.k_scale)
         self.valid = torch.ones(capacity, dtype=torch.bool, device=device)
         self.counters = KVCacheCounters()
 
     # ------------------------------------------------------------------ views
     @classmethod
-    def _view(
-        cls, source: KVCache, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor
-    ) -> KVCache:
+    def _view(cls, source: KVCache, start: int, stop: int) -> KVCache:
+        """A cache over batch rows ``[start:stop]`` of ``source``; storage and counters shared."""
+        rows = slice(start, stop)
         view = cls.__new__(cls)
         view.chunk_size = source.chunk_size
         view.window_size = source.window_size
         view.sink_size = source.sink_size
-        view.k, view.v, view.valid = k, v, valid
+        view.quantization = source.quantization
+        view.k, view.v, view.valid = source.k[rows], source.v[rows], source.valid
+        view.k_scale = view.v_scale = None
+        if source.k_scale is not None:
+            view.k_scale, view.v_scale = source.k_scale[rows], source.v_scale[rows]
         view.counters = source.counters
         return view
 
     def batch_slice(self, start: int, stop: int) -> KVCache:
         """A cache viewing batch rows ``[start:stop]``; storage and counters are shared."""
-        return KVCache._view(self, self.k[start:stop], self.v[start:stop], self.valid)
+        return KVCache._view(self, start, stop)
 
     @property
     def capacity(self) -> int:
@@ -96,9 +160,17 @@ class KVCache:
         """Whether the window is full (steady state: shapes no longer change)."""
         return self.counters.num_filled == self.capacity
 
+    def _token_buffers(self) -> list[torch.Tensor]:
+        """Buffers indexed ``[B, token, ...]``: K, V and, when quantised, their scales."""
+        buffers = [self.k, self.v]
+        if self.k_scale is not None:
+            buffers += [self.k_scale, self.v_scale]
+        return buffers
+
     def storage_bytes(self) -> int:
-        """Bytes held by the K/V/valid buffers."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.valid))
+        """Bytes held by the K/V/valid buffers (and the scales of quantised storage)."""
+        buffers = [*self._token_buffers(), self.valid]
+        return sum(t.numel() * t.element_size() for t in buffers)
 
     # ---------------------------------------------------------------- updates
     def stage(
@@ -122,15 +194,37 @@ class KVCache:
         assert num_new <= self.chunk_size, (num_new, self.chunk_size)
         start = self.counters.num_filled
         stop = start + num_new
-        self.k[:, start:stop].copy_(k)
-        self.v[:, start:stop].copy_(v)
+        if self.k_scale is None:
+            self.k[:, start:stop].copy_(k)
+            self.v[:, start:stop].copy_(v)
+            k_all, v_all = self.k[:, :stop], self.v[:, :stop]
+        else:
+            k_all = self._stage_quantized(k, start, self.k, self.k_scale)
+            v_all = self._stage_quantized(v, start, self.v, self.v_scale)
         if key_valid_mask is None:
             self.valid[start:stop] = True
         else:
             self.valid[start:stop].copy_(key_valid_mask)
             self.counters.has_padding = True
         valid_all = self.valid[:stop] if self.counters.has_padding else None
-        return self.k[:, :stop], self.v[:, :stop], valid_all
+        return k_all, v_all, valid_all
+
+    @staticmethod
+    def _stage_quantized(
+        x: torch.Tensor, start: int, storage: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Store the chunk ``x [B, n, H, D]`` quantised at ``start``; return committed + chunk.
+
+        The committed tokens are dequantised to ``x.dtype``; the chunk is returned as given.
+        """
+        stop = start + x.shape[1]
+        quantized, chunk_scale = quantize_per_token_head(x, storage_quantization(storage))
+        storage[:, start:stop].copy_(quantized)
+        scale[:, start:stop].copy_(chunk_scale)
+        out = torch.empty((x.shape[0], stop, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        out[:, :start] = dequantize(storage[:, :start], scale[:, :start], x.dtype)
+        out[:, start:] = x
+        return out
 
     def commit(self, num_new: int) -> None:
         """Keep the chunk staged by the last :meth:`stage` call; evict from the window if full.
@@ -143,7 +237,7 @@ class KVCache:
         if overflow > 0:
             sink = self.sink_size
             # Shift [sink + overflow, total) to [sink, total - overflow); clone: regions overlap.
-            for buffer in (self.k, self.v):
+            for buffer in self._token_buffers():
                 buffer[:, sink : total - overflow] = buffer[:, sink + overflow : total].clone()
             self.valid[sink : total - overflow] = self.valid[sink + overflow : total].clone()
             total = self.capacity

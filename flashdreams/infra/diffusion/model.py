@@ -108,6 +108,10 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
             self._rng_device = device
         return self._rng
 
+    def reset_rng(self) -> None:
+        """Re-seed :attr:`rng` on its next use (a new rollout then draws the same noise)."""
+        self._rng = None
+
     @torch.no_grad()
     def generate(
         self,

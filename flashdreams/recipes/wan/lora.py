@@ -632,6 +632,8 @@ class WanLoRAs:
         self._originals: dict[nn.Parameter, torch.Tensor] = {}
         # name -> (original linear layer, the LoRALinear standing in for it)
         self._wrapped: dict[str, tuple[nn.Linear, LoRALinear]] = {}
+        self.frozen_reason: str | None = None
+        """Why the adapter set can no longer change (see :meth:`freeze`), or ``None``."""
 
     @classmethod
     def from_configs(
@@ -729,6 +731,13 @@ class WanLoRAs:
         """Remove every adapter: the weights are the originals again, bit for bit."""
         self._commit([])
 
+    def freeze(self, reason: str) -> None:
+        """Keep the applied adapters as they are from now on: every later change raises
+        ``ValueError`` with ``reason``. For weights replaced in a way the saved originals
+        cannot be folded into again (quantised weights); the originals are released."""
+        self.frozen_reason = reason
+        self._originals.clear()
+
     # -------------------------------------------------------------- internals
     def _find(self, name: str) -> _Active:
         for active in self._active:
@@ -779,6 +788,8 @@ class WanLoRAs:
     @torch.no_grad()
     def _commit(self, new_active: list[_Active]) -> None:
         """Make the network's weights and run-time layers those of ``new_active`` (all checked)."""
+        if self.frozen_reason is not None:
+            raise ValueError(f"the LoRA adapters cannot change: {self.frozen_reason}")
         changed = [a for a in self._active if a not in new_active]
         changed += [a for a in new_active if a not in self._active]
         # parameters whose folded updates change (run-time ones leave the weights alone)

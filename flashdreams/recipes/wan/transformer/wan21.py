@@ -12,13 +12,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from loguru import logger
 
+from flashdreams.core.attention.kv_cache import KV_CACHE_QUANTIZATIONS
 from flashdreams.core.checkpoint import empty_init
 from flashdreams.core.distributed.mesh import CFGParallelMesh, ContextParallelMesh
 from flashdreams.core.distributed.plan import ParallelPlan, build_parallel_plan
+from flashdreams.core.quantization import (
+    check_quantization_mode,
+    parameter_bytes,
+    quantize_linear_weights,
+    te_fp8_autocast,
+)
 from flashdreams.infra.diffusion.transformer import (
     Transformer,
     TransformerAutoregressiveCache,
@@ -73,6 +82,20 @@ class Wan21TransformerCache(TransformerAutoregressiveCache):
         self.autoregressive_index = autoregressive_index
 
 
+def check_loras_compose(loras: list[LoRAConfig], quantization: str, where: str = "") -> None:
+    """Run-time LoRA adapters need the unquantised weights they sit beside: refuse them with
+    a quantised network (fused ones are folded into the weights before quantising)."""
+    if quantization == "none":
+        return
+    runtime = [lora.name or Path(lora.path).stem for lora in loras if not lora.fused]
+    if runtime:
+        raise ValueError(
+            f"{where}loras {', '.join(runtime)} run at run time (fused=false), which does not "
+            f"compose with quantization={quantization}: set fused=true (folded into the "
+            "weights before quantising) or quantization=none"
+        )
+
+
 @dataclass(kw_only=True)
 class Wan21TransformerConfig(TransformerConfig):
     """Config for the Wan 2.1 transformer.
@@ -90,6 +113,19 @@ class Wan21TransformerConfig(TransformerConfig):
     """DiT network architecture."""
     dtype: torch.dtype = torch.bfloat16
     """Compute dtype of the network (time embedding and modulation stay fp32)."""
+    quantization: str = "none"
+    """Weight quantisation of the blocks' linear layers, applied after the checkpoint loads
+    (embeddings, head and modulation keep ``dtype``): ``"none"``; ``"int8_weight_only"``
+    (torchao int8 weights, per-channel scales; CPU and GPU; ~0.25x fp32 weight bytes);
+    ``"fp8"`` (torchao e4m3 weights and activations, per-row scales; CUDA with compute
+    capability >= 8.9, an error elsewhere); ``"te_fp8"`` (transformer-engine linears under
+    fp8 autocast; CUDA and the ``[gpu]`` extra). LoRA adapters of ``loras`` are folded into
+    the weights before quantising (``fused=true`` only) and cannot change afterwards."""
+    kv_cache_dtype: str = "none"
+    """Storage of the self-attention KV cache: ``"none"`` (the compute ``dtype``),
+    ``"int8"`` or ``"fp8_e4m3"`` (one bf16 scale per token and head; 0.51x of bf16 bytes
+    at head dim 128). Cached K/V are dequantised when attention reads them; the chunk
+    being denoised attends to its own K/V unquantised. Works with ring / Ulysses CP."""
     checkpoint_path: str | None = None
     """Local checkpoint (safetensors file / index / folder, or weights-only .pth); ``None`` keeps random weights."""
     state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
@@ -159,6 +195,13 @@ class Wan21TransformerConfig(TransformerConfig):
             raise ValueError(
                 f"guidance_scale must be >= 1.0 (1.0 disables CFG), got {self.guidance_scale}"
             )
+        check_quantization_mode(self.quantization)
+        check_loras_compose(self.loras, self.quantization)
+        if self.kv_cache_dtype not in KV_CACHE_QUANTIZATIONS:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_QUANTIZATIONS)}; "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.cuda_graph_warmup_iters < 0:
             raise ValueError(
                 f"cuda_graph_warmup_iters must be >= 0, got {self.cuda_graph_warmup_iters}"
@@ -226,6 +269,11 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         self.loras = WanLoRAs.from_configs(
             self.network, config.loras, on_change=self.executor.reset_graphs
         )
+        self.quantization = "none"
+        """Quantisation applied to the network's block linears (see :meth:`quantize_weights`)."""
+        self.quantize_weights(config.quantization)
+        self.kv_cache_dtype = config.kv_cache_dtype
+        """KV-cache storage of new rollouts (the config's; a Wan 2.2 parent may set it)."""
 
     @property
     def cp_mesh(self) -> ContextParallelMesh | None:
@@ -249,6 +297,35 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         state_dict = to_original_wan_dit_keys(state_dict, source=f"checkpoint '{path}'")
         load_state_dict_into_module(
             self.network, state_dict, strict=True, source=f"checkpoint '{path}'"
+        )
+
+    def quantize_weights(self, mode: str) -> None:
+        """Quantise the linear layers of the network's blocks in place (once, after loading).
+
+        Logs the network's weight bytes before and after. ``"none"`` does nothing.
+        """
+        check_quantization_mode(mode)
+        if mode == "none" or mode == self.quantization:
+            return
+        if self.quantization != "none":
+            raise ValueError(
+                f"the network is already quantised ({self.quantization}); cannot apply {mode}"
+            )
+        bytes_before = parameter_bytes(self.network)
+        quantize_linear_weights(
+            self.network, mode, filter_fn=lambda _linear, name: name.startswith("blocks.")
+        )
+        self.quantization = mode
+        self.loras.freeze(
+            f"the network's block weights are quantised (quantization={mode}); give the "
+            "adapters in transformer.loras (fused: folded in before quantising) or use "
+            "quantization=none"
+        )
+        bytes_after = parameter_bytes(self.network)
+        logger.info(
+            f"Wan21Transformer: quantization={mode}: network weights "
+            f"{bytes_before / 2**20:.1f} MiB -> {bytes_after / 2**20:.1f} MiB "
+            f"({bytes_after / bytes_before:.2f}x)"
         )
 
     # ---------------------------------------------------------------- layout
@@ -413,6 +490,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             sink_size=config.sink_size_t // kt * tokens_per_frame,
             text_embeddings=text.to(device),
             img_embeddings=None if image is None else image.to(device),
+            kv_cache_quantization=self.kv_cache_dtype,
         )
         rope = WanRope(
             head_dim=config.network.head_dim,
@@ -572,15 +650,16 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             x = torch.cat([x, x], dim=0)
             t = torch.cat([t, t], dim=0)
         rope_freqs, relative_rope = self._rope_inputs(cache)
-        out = self.executor(
-            x.to(config.dtype),
-            t,
-            cache.batched_network_cache,
-            rope_freqs,
-            commit=commit,
-            relative_rope=relative_rope,
-            block_extra_kwargs=network_extra_kwargs,
-        )
+        with te_fp8_autocast(self.quantization == "te_fp8"):
+            out = self.executor(
+                x.to(config.dtype),
+                t,
+                cache.batched_network_cache,
+                rope_freqs,
+                commit=commit,
+                relative_rope=relative_rope,
+                block_extra_kwargs=network_extra_kwargs,
+            )
         if batched_cfg:
             cond, uncond = out.float().chunk(2, dim=0)
             out = uncond + config.guidance_scale * (cond - uncond)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from flashdreams.core.distributed.plan import ParallelPlan, build_parallel_plan
+from flashdreams.core.quantization import check_quantization_mode
 from flashdreams.infra.diffusion.transformer import (
     Transformer,
     TransformerAutoregressiveCache,
@@ -17,6 +18,7 @@ from flashdreams.recipes.wan.transformer.wan21 import (
     Wan21Transformer,
     Wan21TransformerCache,
     Wan21TransformerConfig,
+    check_loras_compose,
 )
 
 
@@ -58,6 +60,13 @@ class Wan22TransformerConfig(TransformerConfig):
     """Switch point as a fraction of ``num_train_timesteps``."""
     num_train_timesteps: int = 1000
     """Training timestep range of the scheduler."""
+    quantization: str = "none"
+    """Weight quantisation applied to both experts after their checkpoints load (values as
+    :attr:`Wan21TransformerConfig.quantization`); ``"none"`` leaves each expert's own
+    ``quantization`` field in charge."""
+    kv_cache_dtype: str = "none"
+    """KV-cache storage of both experts (values as :attr:`Wan21TransformerConfig.kv_cache_dtype`);
+    ``"none"`` leaves each expert's own field in charge."""
 
     def __post_init__(self) -> None:
         high, low = self.transformer_high_noise, self.transformer_low_noise
@@ -96,6 +105,20 @@ class Wan22TransformerConfig(TransformerConfig):
                 raise ValueError(
                     f"Wan22Transformer does not support I2V: {branch_name}.network.cross_attn_enable_img"
                 )
+        check_quantization_mode(self.quantization)
+        for branch_name, branch in (
+            ("transformer_high_noise", high),
+            ("transformer_low_noise", low),
+        ):
+            if self.quantization != "none" and branch.quantization not in (
+                "none",
+                self.quantization,
+            ):
+                raise ValueError(
+                    f"quantization={self.quantization} disagrees with "
+                    f"{branch_name}.quantization={branch.quantization}"
+                )
+            check_loras_compose(branch.loras, self.quantization, where=f"{branch_name}.")
         if not 0.0 < self.boundary_ratio < 1.0:
             raise ValueError(f"boundary_ratio must be in (0, 1), got {self.boundary_ratio}")
 
@@ -126,6 +149,10 @@ class Wan22Transformer(Transformer[Wan22TransformerCache]):
         self.transformer_low_noise: Wan21Transformer = config.transformer_low_noise.setup(
             parallel=parallel
         )
+        for expert in (self.transformer_high_noise, self.transformer_low_noise):
+            expert.quantize_weights(config.quantization)
+            if config.kv_cache_dtype != "none":
+                expert.kv_cache_dtype = config.kv_cache_dtype
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

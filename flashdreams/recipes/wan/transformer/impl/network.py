@@ -110,7 +110,8 @@ class WanDiTNetworkConfig(InstantiateConfig):
     attention_backend: str = "auto"
     """Attention kernel of every self-, cross- and context-parallel attention call: a name
     from ``flashdreams.core.attention.backends.list_attention_backends()`` (``math``,
-    ``sdpa``, ``cpu_flash``, ``torch_efficient``, ``flash_attn``, ``cudnn``) or ``"auto"``
+    ``sdpa``, ``cpu_flash``, ``torch_efficient``, ``flash_attn``, ``cudnn``, ``te_fused``:
+    transformer-engine, CUDA and the ``[gpu]`` extra, no ring CP) or ``"auto"``
     (torch SDPA locally; the fastest backend returning the log-sum-exp for ring attention).
     A backend that cannot serve a call (device, dtype, no log-sum-exp for ring) raises
     ``ValueError`` saying why."""
@@ -501,6 +502,7 @@ class WanDiTNetwork(nn.Module):
         sink_size: int,
         text_embeddings: torch.Tensor,
         img_embeddings: torch.Tensor | None = None,
+        kv_cache_quantization: str = "none",
     ) -> WanDiTNetworkCache:
         """Build the per-block caches of a rollout.
 
@@ -511,6 +513,8 @@ class WanDiTNetwork(nn.Module):
             sink_size: sink tokens kept from the start of the rollout (all ranks together).
             text_embeddings: ``[..., Lt, text_dim]`` (UMT5: ``[..., 512, 4096]``).
             img_embeddings: ``[..., Li, img_dim]`` for I2V networks (CLIP: ``[..., 257, 1280]``).
+            kv_cache_quantization: storage of the self-attention caches (``"none"``,
+                ``"int8"``, ``"fp8_e4m3"``; see :class:`~flashdreams.core.attention.KVCache`).
 
         Returns:
             Caches with preallocated self-attention K/V and the cross-attention
@@ -537,6 +541,7 @@ class WanDiTNetwork(nn.Module):
                 sink_size=sink_size,
                 device=reference.device,
                 dtype=reference.dtype,
+                quantization=kv_cache_quantization,
             )
             caches.append(WanBlockCache(kv, cross_k, cross_v, img_k, img_v))
         return WanDiTNetworkCache(
