@@ -52,11 +52,14 @@ def test_reference_config_resets_every_low_precision_field():
     assert config.diffusion_model.transformer.quantization == "int8_weight_only"
 
 
-def _run(tmp_path, pipeline_config, **runner_fields) -> dict:
+def _run(tmp_path, pipeline_config, runner_class=Runner, **runner_fields) -> dict:
     config = RunnerConfig(
-        prompt="a red ball", num_chunks=2, height=HEIGHT, width=WIDTH, **runner_fields
+        **{"prompt": "a red ball", "num_chunks": 2, "height": HEIGHT, "width": WIDTH}
+        | runner_fields
     )
-    runner = Runner(config, pipeline_config=pipeline_config, context=RunContext(run_dir=tmp_path))
+    runner = runner_class(
+        config, pipeline_config=pipeline_config, context=RunContext(run_dir=tmp_path)
+    )
     return runner.run()
 
 
@@ -150,6 +153,38 @@ def test_black_frames_are_flagged_in_any_run(tmp_path, monkeypatch):
             ).run()
     finally:
         logger.remove(handler)
+
+
+def test_black_frames_stop_the_background_decoder_too(tmp_path):
+    """With runner.overlap_decode the frame check runs on the decode worker; the failure
+    reaches the main thread naming the AR step. (Chunk 1 turns black: the quality check's
+    own first chunk passes.)"""
+    from flashdreams.session import ChunkDecodeError
+
+    class BlackDecodeRunner(Runner):
+        def build_pipeline(self, pipeline_config=None):
+            pipeline = super().build_pipeline(pipeline_config)
+            decode_latent = pipeline.decode_latent
+
+            def black(latent, index, cache):
+                video = decode_latent(latent, index, cache)
+                return torch.full_like(video, -1.0) if index == 1 else video
+
+            pipeline.decode_latent = black
+            return pipeline
+
+    with pytest.raises(ChunkDecodeError) as raised:
+        _run(
+            tmp_path,
+            tiny_t2v_config(),
+            BlackDecodeRunner,
+            overlap_decode=True,
+            quality_check=True,
+        )
+    assert raised.value.autoregressive_index == 1
+    assert "QualityCheckError: AR step 1: the decoded chunk has 8 of 8 frame(s) black" in str(
+        raised.value
+    )
 
 
 def test_quality_check_chunks_must_be_positive(tmp_path):
