@@ -155,6 +155,33 @@ class StreamInferencePipeline(
         )
 
     @torch.no_grad()
+    def switch_conditioning(
+        self,
+        cache: StreamInferencePipelineCache[
+            StreamingEncoderCacheT, TransformerCacheT, StreamingDecoderCacheT
+        ],
+        *,
+        recache: bool = True,
+        **transformer_context: Any,
+    ) -> None:
+        """Give the transformer new conditioning between two AR steps.
+
+        Allowed right after ``initialize_cache`` or after ``finalize(i)``, not
+        between ``generate(i)`` and ``finalize(i)``. ``transformer_context``
+        is what the transformer's ``switch_conditioning`` takes (for Wan:
+        ``text_embeddings`` / ``negative_text_embeddings``); ``recache=True``
+        rebuilds the transformer's AR cache under it.
+        """
+        if cache.final_state is not None:
+            raise RuntimeError(
+                f"switch_conditioning between generate({cache.autoregressive_index}) and "
+                f"finalize({cache.autoregressive_index}): finalize the chunk first"
+            )
+        self.diffusion_model.transformer.switch_conditioning(
+            cache.transformer_cache, recache=recache, **transformer_context
+        )
+
+    @torch.no_grad()
     def generate(
         self,
         autoregressive_index: int,

@@ -77,6 +77,20 @@ class Transformer(nn.Module, ABC, Generic[TransformerCacheT]):
         """
         self.predict_flow(noisy_latent, timestep, cache, input)
 
+    def switch_conditioning(
+        self, cache: TransformerCacheT, *, recache: bool, **context: Any
+    ) -> None:
+        """Replace the conditioning of a running rollout between two AR steps.
+
+        ``context`` holds the new conditioning, named as in
+        :meth:`initialize_autoregressive_cache`. ``recache=True`` also rebuilds
+        the AR cache under it; ``False`` changes only what later steps see.
+        Not supported by default.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support switching the conditioning of a running rollout"
+        )
+
     def initialize_autoregressive_cache(self, **context: Any) -> TransformerCacheT:
         """Fresh cache for a new rollout; the default is an empty cache."""
         return TransformerAutoregressiveCache()  # type: ignore[return-value]

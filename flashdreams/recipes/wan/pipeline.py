@@ -166,23 +166,15 @@ class WanInferencePipeline(StreamInferencePipeline):
                 "T2V needs the latent height and width: initialize_cache(text, height=..., width=...)"
             )
 
-        self._load_oneshot_encoders()
-        if self.text_encoder is None:
-            raise ValueError(
-                "WanInferencePipelineConfig.text_encoder is None: cannot encode prompts"
-            )
         device = self.device
         dtype = self.diffusion_model.dtype
-        text_embeddings = self.text_encoder(list(text)).to(device=device, dtype=dtype)
-        text_embeddings = text_embeddings.reshape(*self._batch_shape, *text_embeddings.shape[1:])
         transformer_context: dict[str, Any] = dict(
-            height=height, width=width, text_embeddings=text_embeddings
+            height=height, width=width, text_embeddings=self._encode_text(list(text))
         )
         if self._guidance_scale > 1.0:
-            negative = self.text_encoder([self.config.negative_prompt] * num_prompts)
-            transformer_context["negative_text_embeddings"] = negative.to(
-                device=device, dtype=dtype
-            ).reshape(text_embeddings.shape)
+            transformer_context["negative_text_embeddings"] = self._encode_text(
+                [self.config.negative_prompt] * num_prompts
+            )
         if image is not None:
             image = image.to(device)
             if self.image_encoder is not None:
@@ -206,29 +198,92 @@ class WanInferencePipeline(StreamInferencePipeline):
             image=image,
         )
 
+    @torch.no_grad()
+    def switch_prompt(
+        self,
+        cache: WanInferencePipelineCache,
+        text: list[str] | str | None = None,
+        *,
+        negative_prompt: str | None = None,
+        recache: bool = True,
+    ) -> None:
+        """Switch the prompt(s) of a running rollout at the next chunk boundary.
+
+        ``text`` replaces the prompts (one per batch entry), ``negative_prompt``
+        the CFG negative prompt; ``None`` keeps either. ``recache=True``
+        recomputes the self-attention KV cache under the new text by replaying
+        the cached chunks' latents through the commit pass
+        (:meth:`~flashdreams.recipes.wan.transformer.Wan21Transformer.switch_conditioning`);
+        ``False`` only changes the cross-attention text. The text encoder must
+        still be loaded (``initialize_cache(..., release_oneshot_encoders=False)``)
+        or is rebuilt here.
+        """
+        if isinstance(text, str):
+            text = [text]
+        num_prompts = math.prod(self._batch_shape)
+        context: dict[str, torch.Tensor] = {}
+        if text is not None:
+            if len(text) != num_prompts:
+                raise ValueError(
+                    f"got {len(text)} prompt(s) but the transformer's batch_shape "
+                    f"{self._batch_shape} needs {num_prompts}"
+                )
+            for prompt in text:
+                if not prompt.strip():
+                    raise ValueError(f"cannot switch to an empty prompt: {prompt!r}")
+            context["text_embeddings"] = self._encode_text(list(text))
+        if negative_prompt is not None:
+            if self._guidance_scale == 1.0:
+                raise ValueError(
+                    f"negative_prompt={negative_prompt!r} was given but guidance_scale=1.0 "
+                    "disables CFG"
+                )
+            context["negative_text_embeddings"] = self._encode_text([negative_prompt] * num_prompts)
+        self.switch_conditioning(cache, recache=recache, **context)
+
+    def _encode_text(self, text: list[str]) -> torch.Tensor:
+        """``[*batch_shape, text_len, text_dim]`` embeddings of one prompt per batch entry."""
+        self._load_oneshot_encoders()
+        if self.text_encoder is None:
+            raise ValueError(
+                "WanInferencePipelineConfig.text_encoder is None: cannot encode prompts"
+            )
+        embeddings = self.text_encoder(text).to(
+            device=self.device, dtype=self.diffusion_model.dtype
+        )
+        return embeddings.reshape(*self._batch_shape, *embeddings.shape[1:])
+
     def _num_latent_frames_per_chunk(self) -> int:
         return self.transformer.len_t
 
     @torch.no_grad()
     def generate(  # type: ignore[override]
-        self, autoregressive_index: int, cache: WanInferencePipelineCache
+        self, autoregressive_index: int, cache: WanInferencePipelineCache, input: Any = None
     ) -> torch.Tensor | None:
         """Generate one decoded chunk ``[*batch, T, 3, H, W]`` in [-1, 1].
 
-        Under context parallelism only rank 0 decodes; other ranks return ``None``.
+        ``input`` is this AR step's control for the encoder; ``None`` gives the
+        I2V encoder the first frame. Under context parallelism only rank 0
+        decodes; other ranks return ``None``.
         """
-        control = cache.image if self.encoder is not None else None
-        return super().generate(autoregressive_index, cache, input=control)
+        return super().generate(autoregressive_index, cache, input=self._control(cache, input))
 
     @torch.no_grad()
     def generate_latent(  # type: ignore[override]
-        self, autoregressive_index: int, cache: WanInferencePipelineCache
+        self, autoregressive_index: int, cache: WanInferencePipelineCache, input: Any = None
     ) -> torch.Tensor | None:
         """Denoise one chunk without decoding it: the clean latent ``[*batch, T, C, H, W]``.
 
         ``decode_latent(latent, autoregressive_index, cache)`` turns it into
         what ``generate`` returns. Under context parallelism only rank 0 gets
-        the latent; other ranks return ``None``.
+        the latent; other ranks return ``None``. ``input`` as in :meth:`generate`.
         """
-        control = cache.image if self.encoder is not None else None
-        return super().generate_latent(autoregressive_index, cache, input=control)
+        return super().generate_latent(
+            autoregressive_index, cache, input=self._control(cache, input)
+        )
+
+    def _control(self, cache: WanInferencePipelineCache, input: Any) -> Any:
+        """The encoder input of one AR step: the given control, else the I2V first frame."""
+        if input is not None or self.encoder is None:
+            return input
+        return cache.image

@@ -35,6 +35,7 @@ from flashdreams.infra.diffusion.transformer import (
 )
 from flashdreams.recipes.wan.lora import LoRAConfig, WanLoRAs
 from flashdreams.recipes.wan.transformer.acceleration import AccelerationPolicy, NetworkExecutor
+from flashdreams.recipes.wan.transformer.history import CommitHistory, CommittedChunk
 from flashdreams.recipes.wan.transformer.i2v import (
     I2VCtrl,
     conditioned_tokens,
@@ -69,6 +70,8 @@ class Wan21TransformerCache(TransformerAutoregressiveCache):
     and this rank's branch alone (batch ``B``) with ``cfg_parallel``."""
     rope: WanRope
     """RoPE table of this rollout's grid."""
+    history: CommitHistory
+    """The committed chunks the KV cache holds tokens of (replayed by a re-cache)."""
     autoregressive_index: int | None = None
     """AR step currently being generated (set by :meth:`start`)."""
     _chunk_freqs: tuple[int, torch.Tensor] | None = None
@@ -516,6 +519,11 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
             network_cache_uncond=uncond,
             batched_network_cache=batched,
             rope=rope,
+            history=CommitHistory(
+                len_t=config.len_t,
+                window_size_t=config.window_size_t,
+                sink_size_t=config.sink_size_t,
+            ),
         )
 
     def _branch_conditioning(
@@ -601,8 +609,93 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         cache: Wan21TransformerCache,
         input: I2VCtrl | None = None,
     ) -> None:
-        """Run the context-noise forward that writes this chunk's K/V into the cache."""
+        """Run the context-noise forward that writes this chunk's K/V into the cache.
+
+        The latent, timestep and input are kept in ``cache.history`` while the
+        cache holds tokens of this chunk, for :meth:`switch_conditioning`.
+        """
+        cache.history.append(
+            CommittedChunk(
+                chunk_index=cache.chunk_index,
+                latent=noisy_latent.clone(),
+                timestep=timestep.clone(),
+                input=input,
+            )
+        )
         self._forward(noisy_latent, timestep, cache, input, None, commit=True)
+
+    # ---------------------------------------------------------- prompt switch
+    @torch.no_grad()
+    def switch_conditioning(
+        self,
+        cache: Wan21TransformerCache,
+        *,
+        recache: bool,
+        text_embeddings: torch.Tensor | None = None,
+        negative_text_embeddings: torch.Tensor | None = None,
+    ) -> None:
+        """Change the text conditioning of a running rollout between two chunks.
+
+        ``text_embeddings`` (``[*batch_shape, text_len, text_dim]``) replace the
+        conditional branch's text, ``negative_text_embeddings`` the
+        unconditional branch's (CFG only); ``None`` keeps a branch's text. The
+        cross-attention K/V are overwritten in place (CUDA graphs stay valid).
+
+        ``recache=False`` stops there: the self-attention KV cache keeps the
+        history as it was computed under the old text. ``recache=True``
+        rebuilds it: the cache is emptied and every chunk the cache held tokens
+        of (:class:`~flashdreams.recipes.wan.transformer.history.CommitHistory`:
+        the sink chunks, then the window's) is committed again, in AR order at
+        its own RoPE position, under the new text. The sink is re-cached too,
+        so every cached key agrees with the new text. A replayed window chunk
+        attends to the sink and the replayed chunks before it, not to the
+        chunks that had already left the window when it was first committed.
+
+        Under context parallelism every rank calls this between the same two
+        chunks with the same arguments (each replays its own token shards).
+        """
+        config = self.config
+        for embeddings, name in (
+            (text_embeddings, "text_embeddings"),
+            (negative_text_embeddings, "negative_text_embeddings"),
+        ):
+            if embeddings is not None:
+                self._check_batch(embeddings, name)
+        if negative_text_embeddings is not None and config.guidance_scale == 1.0:
+            raise ValueError(
+                "negative_text_embeddings were given but guidance_scale=1.0 disables CFG; "
+                "there is no unconditional branch to switch"
+            )
+        for embeddings, network_cache in (
+            (text_embeddings, cache.network_cache),
+            (negative_text_embeddings, cache.network_cache_uncond),
+        ):
+            if embeddings is not None and network_cache is not None:
+                self._replace_text(network_cache, embeddings)
+        if recache:
+            self._replay_history(cache)
+
+    def _replace_text(self, network_cache: WanDiTNetworkCache, embeddings: torch.Tensor) -> None:
+        """Overwrite the text K/V of every block of one branch's cache (batch ``B``)."""
+        device = self.network.head.head.weight.device
+        batch_size = math.prod(self.config.batch_shape)
+        text = embeddings.reshape(batch_size, *embeddings.shape[-2:]).to(device)
+        text_context = self.network.embed_text(text)
+        for block, block_cache in zip(self.network.blocks, network_cache.blocks, strict=True):
+            k, v, _, _ = block.cross_attn.context_kv(text_context, None)
+            block_cache.cross_k.copy_(k)
+            block_cache.cross_v.copy_(v)
+
+    def _replay_history(self, cache: Wan21TransformerCache) -> None:
+        """Empty the self-attention KV cache and commit the kept chunks again."""
+        network_cache = cache.batched_network_cache
+        next_chunk_index = network_cache.chunk_index
+        for block_cache in network_cache.blocks:
+            block_cache.self_kv.reset()
+        for chunk in cache.history.chunks:
+            network_cache.num_committed_chunks[0] = chunk.chunk_index
+            self._forward(chunk.latent, chunk.timestep, cache, chunk.input, None, commit=True)
+        network_cache.num_committed_chunks[0] = next_chunk_index
 
     def postprocess_clean_latent(
         self,

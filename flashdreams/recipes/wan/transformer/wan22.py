@@ -234,6 +234,26 @@ class Wan22Transformer(Transformer[Wan22TransformerCache]):
         )
         self.transformer_low_noise.finalize_kv_cache(noisy_latent, timestep, cache.low_noise, input)
 
+    def switch_conditioning(
+        self,
+        cache: Wan22TransformerCache,
+        *,
+        recache: bool,
+        text_embeddings: torch.Tensor | None = None,
+        negative_text_embeddings: torch.Tensor | None = None,
+    ) -> None:
+        """Switch the text of both branches (see :meth:`Wan21Transformer.switch_conditioning`)."""
+        for transformer, branch_cache in (
+            (self.transformer_high_noise, cache.high_noise),
+            (self.transformer_low_noise, cache.low_noise),
+        ):
+            transformer.switch_conditioning(
+                branch_cache,
+                recache=recache,
+                text_embeddings=text_embeddings,
+                negative_text_embeddings=negative_text_embeddings,
+            )
+
     def patchify_and_maybe_split_cp(self, x: Any) -> Any:
         return self.transformer_high_noise.patchify_and_maybe_split_cp(x)
 

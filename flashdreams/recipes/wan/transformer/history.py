@@ -1,0 +1,64 @@
+"""The committed chunks a Wan rollout's KV cache still depends on, kept for a re-cache.
+
+A prompt switch in ``recache`` mode rebuilds the self-attention KV cache under
+the new text conditioning by replaying, through the commit pass, the chunks
+whose tokens the cache holds: the sink chunks and the chunks of the rolling
+window. :class:`CommitHistory` keeps exactly those (what each commit pass
+consumed), so its memory is bounded by ``sink + window`` like the KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class CommittedChunk:
+    """What the commit pass of one chunk consumed."""
+
+    chunk_index: int
+    """AR index of the chunk (its RoPE position)."""
+    latent: torch.Tensor
+    """This rank's patchified latent ``[*batch, L_rank, D]`` as the commit pass saw it:
+    the clean latent, re-noised to ``context_noise`` when that is > 0 (no new draws on replay)."""
+    timestep: torch.Tensor
+    """Timestep of the commit pass (``context_noise``)."""
+    input: Any = None
+    """Patchified encoder output of the chunk (e.g. an I2V control), or ``None``."""
+
+
+class CommitHistory:
+    """The committed chunks whose tokens a sink + rolling-window KV cache holds.
+
+    With chunks of ``len_t`` latent frames, a sink of ``sink_size_t`` and a
+    window of ``window_size_t`` frames, the cache holds tokens of the first
+    ``ceil(sink / len_t)`` chunks (the sink) and of the last
+    ``ceil(window / len_t)`` committed chunks; every other chunk is dropped
+    when it leaves the window.
+    """
+
+    def __init__(self, *, len_t: int, window_size_t: int, sink_size_t: int) -> None:
+        self.num_sink_chunks = -(-sink_size_t // len_t)
+        """Chunks with tokens in the sink."""
+        self.num_window_chunks = -(-window_size_t // len_t)
+        """Most recent chunks with tokens in the window."""
+        self.chunks: list[CommittedChunk] = []
+        """Kept chunks in AR order."""
+
+    def append(self, chunk: CommittedChunk) -> None:
+        """Remember a chunk being committed; forget the ones no longer in the cache."""
+        assert not self.chunks or chunk.chunk_index > self.chunks[-1].chunk_index
+        self.chunks.append(chunk)
+        first_in_window = chunk.chunk_index + 1 - self.num_window_chunks
+        self.chunks = [
+            kept
+            for kept in self.chunks
+            if kept.chunk_index < self.num_sink_chunks or kept.chunk_index >= first_in_window
+        ]
+
+    def storage_bytes(self) -> int:
+        """Bytes held by the kept latents."""
+        return sum(chunk.latent.numel() * chunk.latent.element_size() for chunk in self.chunks)
