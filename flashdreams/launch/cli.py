@@ -99,7 +99,13 @@ def _is_override(arg: str) -> bool:
 SECTIONS = ("pipeline", "runner", "parallel", "hydra")
 """Top-level keys an override may start with (``hydra`` for Hydra's own settings)."""
 
-VERBATIM_KEYS = ("runner.prompt", "runner.prompts_file", "runner.image", "runner.output_dir")
+VERBATIM_KEYS = (
+    "runner.prompt",
+    "runner.prompts_file",
+    "runner.prompt_timeline_file",
+    "runner.image",
+    "runner.output_dir",
+)
 """Free-text values passed to the run exactly as the shell gave them (no Hydra grammar, no
 ``${...}`` interpolation); so is every key whose last part ends in ``_path``."""
 

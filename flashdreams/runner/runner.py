@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.config import InstantiateConfig
@@ -46,6 +46,11 @@ from flashdreams.session import (
     RolloutStats,
     SessionPipeline,
 )
+from flashdreams.session.timeline import (
+    PromptSwitch,
+    parse_prompt_timeline,
+    read_prompt_timeline_file,
+)
 
 
 @dataclass(kw_only=True)
@@ -58,6 +63,16 @@ class RunnerConfig(InstantiateConfig):
     """One prompt, or a list of prompts rolled out one after another."""
     prompts_file: str | None = None
     """Text file with one prompt per line; replaces ``prompt`` when set."""
+    prompt_timeline: list[dict[str, Any]] | None = None
+    """Prompt switches within one rollout: ``[{chunk: k, prompt: ...}, ...]`` in increasing
+    chunk order; the prompt of the entry at chunk ``k`` is used from chunk ``k`` on. Without an
+    entry at chunk 0 the rollout starts with ``prompt`` (one prompt)."""
+    prompt_timeline_file: str | None = None
+    """JSON-lines form of ``prompt_timeline`` (one ``{"chunk": k, "prompt": ...}`` per line);
+    replaces it when set."""
+    prompt_switch: Literal["recache", "none"] = "recache"
+    """How a timeline switch treats the self-attention KV cache: ``recache`` recomputes it under
+    the new prompt from the cached chunks' latents, ``none`` changes only the text attention."""
     image: str | None = None
     """First frame (image file) for I2V pipelines; resized to ``height`` x ``width``."""
     num_chunks: int = 2
@@ -165,10 +180,31 @@ def validate_runner_config(config: RunnerConfig) -> None:
         if not Path(config.prompts_file).is_file():
             raise FileNotFoundError(f"runner.prompts_file: no such file '{config.prompts_file}'")
         read_prompts_file(config.prompts_file)
+    prompt_timeline(config)
     if config.image is not None:
         if not Path(config.image).is_file():
             raise FileNotFoundError(f"runner.image: no such file '{config.image}'")
         _check_image_readable(config.image)
+
+
+def prompt_timeline(config: RunnerConfig) -> list[PromptSwitch] | None:
+    """The validated timeline of ``config`` (``None`` without one); chunk 0 always has an entry."""
+    entries = config.prompt_timeline
+    source = "runner.prompt_timeline"
+    if config.prompt_timeline_file is not None:
+        entries = read_prompt_timeline_file(config.prompt_timeline_file)
+        source = f"runner.prompt_timeline_file '{config.prompt_timeline_file}'"
+    if entries is None:
+        return None
+    timeline = parse_prompt_timeline(entries, num_chunks=config.num_chunks, source=source)
+    if timeline[0].chunk == 0:
+        return timeline
+    if config.prompts_file is not None or not isinstance(config.prompt, str):
+        raise ValueError(
+            f"{source} starts at chunk {timeline[0].chunk}: the prompt before it comes from "
+            "runner.prompt, which must then be one prompt (or add an entry at chunk 0)"
+        )
+    return [PromptSwitch(chunk=0, prompt=config.prompt), *timeline]
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -228,6 +264,9 @@ class Runner:
 
     def prompts(self) -> list[str]:
         """Prompts to roll out, in order."""
+        timeline = prompt_timeline(self.config)
+        if timeline is not None:
+            return [timeline[0].prompt]
         if self.config.prompts_file is not None:
             prompts = read_prompts_file(self.config.prompts_file)
         elif isinstance(self.config.prompt, str):
@@ -620,6 +659,8 @@ class Runner:
         reporter = _ChunkReporter(config.num_chunks, prompt, enabled=self.is_writer)
         session = None
         try:
+            switches = {entry.chunk: entry.prompt for entry in prompt_timeline(config) or []}
+            switches.pop(0, None)
             session = StreamingSession.open(
                 pipeline,
                 sink,
@@ -627,6 +668,7 @@ class Runner:
                 image=image,
                 height=latent_size[0],
                 width=latent_size[1],
+                keep_encoders=bool(switches),
                 stats=rollout,
                 progress=self.progress,
                 keep_latents=config.save_latents,
@@ -636,7 +678,11 @@ class Runner:
                 fault_hook=self._fault_hook,
                 stop_hook=self._check_stop,
             )
-            for _ in range(config.num_chunks):
+            for index in range(config.num_chunks):
+                if index in switches:
+                    session.switch_prompt(
+                        [switches[index]], recache=config.prompt_switch == "recache"
+                    )
                 session.step()
             session.finish()
         finally:

@@ -1,7 +1,8 @@
 """Streaming sessions: one rollout stepped chunk by chunk (generate -> sink -> finalize).
 
 See :mod:`flashdreams.session.loop` for the loop and :mod:`flashdreams.session.sinks`
-for where chunks go. The offline runner and interactive callers drive the same loop.
+for where chunks go; :mod:`flashdreams.session.timeline` for prompt timelines. The
+offline runner and interactive callers drive the same loop.
 """
 
 from flashdreams.session.checks import NonFiniteOutputError, check_finite
@@ -14,6 +15,11 @@ from flashdreams.session.sinks import (
     ProducedChunk,
 )
 from flashdreams.session.stats import ChunkStats, RolloutStats
+from flashdreams.session.timeline import (
+    PromptSwitch,
+    parse_prompt_timeline,
+    read_prompt_timeline_file,
+)
 from flashdreams.session.worker import BackgroundChunkWorker, ChunkDecodeError
 
 __all__ = [
@@ -26,9 +32,12 @@ __all__ = [
     "InlineDecodeSink",
     "NonFiniteOutputError",
     "ProducedChunk",
+    "PromptSwitch",
     "RolloutProgress",
     "RolloutStats",
     "SessionPipeline",
     "StreamingSession",
     "check_finite",
+    "parse_prompt_timeline",
+    "read_prompt_timeline_file",
 ]

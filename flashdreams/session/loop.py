@@ -72,8 +72,8 @@ class RolloutProgress:
     autoregressive_index: int | None = None
     """AR step in progress, ``None`` before the first ``generate``."""
     stage: str = "build"
-    """``build``, ``initialize``, ``generate``, ``write``, ``finalize``, ``decode`` (a failed
-    background decode) or ``done``."""
+    """``build``, ``initialize``, ``switch`` (a prompt switch between chunks), ``generate``,
+    ``write``, ``finalize``, ``decode`` (a failed background decode) or ``done``."""
     last_completed_chunk: int | None = None
     """Last AR step of the current prompt that was written and finalized."""
     num_chunks_written: int = 0
@@ -149,21 +149,54 @@ class StreamingSession:
         height: int,
         width: int,
         image: torch.Tensor | None = None,
+        keep_encoders: bool = False,
         stats: RolloutStats | None = None,
         progress: RolloutProgress | None = None,
         **kwargs: Any,
     ) -> StreamingSession:
         """Build the rollout's caches (text / image encoders run once) and a session on them.
 
-        ``height`` / ``width`` are latent sizes; ``stats`` (new by default) is filled as
-        the session goes; other keywords are those of the constructor.
+        ``height`` / ``width`` are latent sizes; ``keep_encoders`` keeps the text encoder
+        loaded for :meth:`switch_prompt` (pipelines free one-shot encoders after the first
+        encode otherwise); ``stats`` (new by default) is filled as the session goes; other
+        keywords are those of the constructor.
         """
         started = time.perf_counter()
         progress = progress or RolloutProgress()
         progress.stage = "initialize"
-        cache = pipeline.initialize_cache(text=text, image=image, height=height, width=width)
+        options = {"release_oneshot_encoders": False} if keep_encoders else {}
+        cache = pipeline.initialize_cache(
+            text=text, image=image, height=height, width=width, **options
+        )
         stats = stats or RolloutStats(prompt=" | ".join(text))
         return cls(pipeline, cache, sink, stats=stats, progress=progress, started=started, **kwargs)
+
+    # ---- between steps -----------------------------------------------------------------------
+
+    def switch_prompt(
+        self,
+        text: list[str] | None,
+        *,
+        negative_prompt: str | None = None,
+        recache: bool = True,
+    ) -> None:
+        """Condition the chunks from the next one on ``text`` (and / or a new CFG negative
+        prompt); ``recache`` recomputes the cached chunks' self-attention K/V under it.
+
+        Call between steps, on every rank (a re-cache runs the pipeline's collectives).
+        """
+        self.progress.stage = "switch"
+        self.pipeline.switch_prompt(
+            self.cache, text, negative_prompt=negative_prompt, recache=recache
+        )
+        self.stats.prompt_switches.append(
+            {
+                "chunk": self.next_index,
+                "prompt": None if text is None else " | ".join(text),
+                "negative_prompt": negative_prompt,
+                "mode": "recache" if recache else "none",
+            }
+        )
 
     # ---- one AR step -------------------------------------------------------------------------
 

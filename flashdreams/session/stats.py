@@ -68,6 +68,9 @@ class RolloutStats:
     """Frames written, all chunks."""
     steady_fps: float | None = None
     """Frames per second over every chunk but the first (``None`` with one chunk)."""
+    prompt_switches: list[dict[str, Any]] = field(default_factory=list)
+    """Prompt switches applied between chunks: ``chunk`` (the first chunk under the switch),
+    ``prompt``, ``negative_prompt``, ``mode`` (``recache`` or ``none``)."""
 
     def finish(self) -> None:
         """Derive ``num_frames`` and ``steady_fps`` from the chunks."""
@@ -86,4 +89,5 @@ class RolloutStats:
             "first_chunk_latency_s": self.first_chunk_latency_s,
             "num_frames": self.num_frames,
             "steady_fps": self.steady_fps,
+            **({"prompt_switches": self.prompt_switches} if self.prompt_switches else {}),
         }
