@@ -14,7 +14,9 @@ from flashdreams.session.sinks import (
     InlineDecodeSink,
     ProducedChunk,
 )
+from flashdreams.session.session import ChunkResult, Session, SwitchReceipt
 from flashdreams.session.stats import ChunkStats, RolloutStats
+from flashdreams.session.telemetry import SessionTelemetry
 from flashdreams.session.timeline import (
     PromptSwitch,
     parse_prompt_timeline,
@@ -26,6 +28,7 @@ __all__ = [
     "BackgroundChunkWorker",
     "BackgroundDecodeSink",
     "ChunkDecodeError",
+    "ChunkResult",
     "ChunkSink",
     "ChunkStats",
     "FrameWriter",
@@ -35,8 +38,11 @@ __all__ = [
     "PromptSwitch",
     "RolloutProgress",
     "RolloutStats",
+    "Session",
     "SessionPipeline",
+    "SessionTelemetry",
     "StreamingSession",
+    "SwitchReceipt",
     "check_finite",
     "parse_prompt_timeline",
     "read_prompt_timeline_file",

@@ -27,6 +27,10 @@ class TransformerAutoregressiveCache:
     def finalize(self, autoregressive_index: int) -> None:
         """Called once the AR step's cache update is done. No-op by default."""
 
+    def storage_bytes(self) -> int:
+        """Bytes of device memory this cache holds (telemetry); 0 by default."""
+        return 0
+
 
 TransformerCacheT = TypeVar(
     "TransformerCacheT",

@@ -84,6 +84,12 @@ class Wan21TransformerCache(TransformerAutoregressiveCache):
     def start(self, autoregressive_index: int) -> None:
         self.autoregressive_index = autoregressive_index
 
+    def storage_bytes(self) -> int:
+        """Self-attention K/V of every block plus the kept latents of the commit history."""
+        return (
+            self.batched_network_cache.self_attention_storage_bytes() + self.history.storage_bytes()
+        )
+
 
 def check_loras_compose(loras: list[LoRAConfig], quantization: str, where: str = "") -> None:
     """Run-time LoRA adapters need the unquantised weights they sit beside: refuse them with

@@ -39,6 +39,9 @@ class Wan22TransformerCache(TransformerAutoregressiveCache):
         self.high_noise.finalize(autoregressive_index)
         self.low_noise.finalize(autoregressive_index)
 
+    def storage_bytes(self) -> int:
+        return self.high_noise.storage_bytes() + self.low_noise.storage_bytes()
+
 
 @dataclass(kw_only=True)
 class Wan22TransformerConfig(TransformerConfig):

@@ -1,0 +1,294 @@
+"""An interactive session: one rollout over a loaded pipeline, stepped chunk by chunk.
+
+Example::
+
+    session = Session.open(pipeline, prompt="A red panda in a forest.", height=60, width=104)
+    first = session.step()                       # chunk 0
+    receipt = session.switch_prompt("The red panda climbs a snowy mountain.")
+    second = session.step()                      # chunk 1, under the new prompt
+    assert receipt.applied_at_chunk == 1
+    session.close()
+
+A prompt switch or a control may be requested at any time; it is applied at
+the next chunk boundary (the start of the next :meth:`Session.step`). Under
+context parallelism every rank opens the same session and calls ``step`` in
+lockstep; requests are made on rank 0 and broadcast to the other ranks
+before each chunk (``command_group``), so all ranks apply the same switches
+and controls at the same chunk.
+
+The pipeline contract (what :class:`~flashdreams.recipes.wan.WanInferencePipeline`
+provides): ``initialize_cache(text, image, height=, width=, release_oneshot_encoders=)``,
+``switch_prompt(cache, text, negative_prompt=, recache=)``,
+``generate_latent(i, cache, input)``, ``decode_latent(latent, i, cache)``,
+``finalize(i, cache)`` and ``diffusion_model.rng``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from flashdreams.session.telemetry import SessionTelemetry
+from flashdreams.session.timeline import PromptSwitch
+
+SwitchMode = Literal["recache", "none"]
+SWITCH_MODES: tuple[str, ...] = ("recache", "none")
+
+
+@dataclass
+class SwitchReceipt:
+    """A prompt switch: when it was asked for and when it took effect."""
+
+    prompt: str | None
+    """New prompt (``None``: only the negative prompt changes)."""
+    negative_prompt: str | None
+    """New CFG negative prompt (``None``: unchanged)."""
+    mode: SwitchMode
+    """``recache`` or ``none``."""
+    received_at_chunk: int
+    """Chunks generated when the switch was received (= the next chunk's index then)."""
+    received_s: float = field(default_factory=time.perf_counter)
+    """``time.perf_counter()`` at reception."""
+    applied_at_chunk: int | None = None
+    """First chunk generated under the switch; ``None`` until applied."""
+    applied_s: float | None = None
+    """``time.perf_counter()`` once the switch (and its re-cache) was done."""
+    first_frame_s: float | None = None
+    """``time.perf_counter()`` once the first chunk under the switch was decoded."""
+
+
+@dataclass
+class ChunkResult:
+    """One generated chunk."""
+
+    index: int
+    """AR index of the chunk."""
+    latent: torch.Tensor | None
+    """Clean latent ``[*batch, T, C, H, W]`` (``None`` on ranks that do not hold the output)."""
+    video: torch.Tensor | None
+    """Decoded chunk (``None`` when not decoded or on ranks that do not hold the output)."""
+    switches: list[SwitchReceipt]
+    """Switches applied right before this chunk."""
+
+
+@dataclass
+class _Commands:
+    """What rank 0 hands every rank before a chunk: switches and controls."""
+
+    switches: list[SwitchReceipt] = field(default_factory=list)
+    controls: dict[int, Any] = field(default_factory=dict)
+
+
+class Session:
+    """One rollout over a loaded pipeline; see the module docstring."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        prompt: str,
+        height: int | None = None,
+        width: int | None = None,
+        image: torch.Tensor | None = None,
+        seed: int | None = None,
+        negative_prompt: str | None = None,
+        timeline: list[PromptSwitch] | None = None,
+        switch_mode: SwitchMode = "recache",
+        decode: bool = True,
+        command_group: Any = None,
+        session_id: int = 0,
+    ) -> None:
+        _check_prompt(prompt)
+        _check_mode(switch_mode)
+        self.pipeline = pipeline
+        self.session_id = session_id
+        """Identifier used in messages (the manager numbers its sessions)."""
+        self.decode = decode
+        self.switch_mode: SwitchMode = switch_mode
+        self.command_group = command_group
+        self.telemetry = SessionTelemetry()
+        self._opened_s = time.perf_counter()
+        self._controls: dict[int, Any] = {}
+        self._scheduled: dict[int, list[SwitchReceipt]] = {}
+        self._next_chunk = 0
+        self._closed = False
+        if negative_prompt is not None:
+            self.switch_prompt(None, negative_prompt=negative_prompt)
+        for entry in timeline or []:
+            if entry.chunk == 0:
+                prompt = entry.prompt
+            else:
+                self._schedule_switch(entry.prompt, None, switch_mode, entry.chunk)
+        model = pipeline.diffusion_model
+        if model.rng is None:
+            raise ValueError(
+                "a session needs a seeded diffusion model (DiffusionModelConfig.seed) to own its "
+                "noise; got seed=None"
+            )
+        if seed is None:
+            self._rng_state = model.rng.get_state()
+        else:
+            self._rng_state = torch.Generator().manual_seed(seed).get_state()
+        self.cache = pipeline.initialize_cache(
+            [prompt], image, height=height, width=width, release_oneshot_encoders=False
+        )
+        self.prompt = prompt
+        """The prompt the next chunk is generated under (after pending switches, once applied)."""
+
+    @classmethod
+    def open(cls, pipeline: Any, **options: Any) -> Session:
+        """``Session.open(pipeline, prompt=..., ...)``: the same as the constructor."""
+        return cls(pipeline, **options)
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def next_chunk(self) -> int:
+        """Index of the chunk the next :meth:`step` generates (= chunks generated)."""
+        return self._next_chunk
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def switch_prompt(
+        self,
+        prompt: str | None,
+        *,
+        negative_prompt: str | None = None,
+        mode: SwitchMode | None = None,
+    ) -> SwitchReceipt:
+        """Ask for a prompt (and / or negative prompt) switch at the next chunk boundary."""
+        self._check_open()
+        if prompt is None and negative_prompt is None:
+            raise ValueError("switch_prompt needs a prompt or a negative_prompt, got neither")
+        if prompt is not None:
+            _check_prompt(prompt)
+        if negative_prompt is not None:
+            _check_prompt(negative_prompt, what="negative prompt")
+        mode = self.switch_mode if mode is None else mode
+        _check_mode(mode)
+        return self._schedule_switch(prompt, negative_prompt, mode, self._next_chunk)
+
+    def control(self, chunk: int, data: Any) -> None:
+        """Deliver ``data`` to the pipeline's encoder as the ``input`` of AR step ``chunk``."""
+        self._check_open()
+        if chunk < self._next_chunk:
+            raise ValueError(
+                f"session {self.session_id}: control for chunk {chunk}, which was already "
+                f"generated (the next chunk is {self._next_chunk})"
+            )
+        self._controls[chunk] = data
+
+    def _schedule_switch(
+        self, prompt: str | None, negative_prompt: str | None, mode: SwitchMode, chunk: int
+    ) -> SwitchReceipt:
+        receipt = SwitchReceipt(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            mode=mode,
+            received_at_chunk=self._next_chunk,
+        )
+        self._scheduled.setdefault(chunk, []).append(receipt)
+        return receipt
+
+    # ---------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self) -> ChunkResult:
+        """Apply what is due at this boundary, then generate, decode and commit one chunk."""
+        self._check_open()
+        index = self._next_chunk
+        commands = self._broadcast(self._take_commands(index))
+        switches = commands.switches
+        if switches:
+            self._apply_switches(switches, index)
+        self._controls.update(commands.controls)
+        control = self._controls.pop(index, None)
+        model = self.pipeline.diffusion_model
+        model.rng.set_state(self._rng_state)
+        started = time.perf_counter()
+        latent = self.pipeline.generate_latent(index, self.cache, control)
+        denoised = time.perf_counter()
+        video = None
+        if self.decode and latent is not None:
+            video = self.pipeline.decode_latent(latent, index, self.cache)
+        decoded = time.perf_counter()
+        self.pipeline.finalize(index, self.cache)
+        self._rng_state = model.rng.get_state()
+        finalized = time.perf_counter()
+        self._next_chunk = index + 1
+        for receipt in switches:
+            receipt.first_frame_s = decoded
+        self.telemetry.record_chunk(
+            denoise_s=denoised - started + (finalized - decoded),
+            decode_s=decoded - denoised,
+            first_frame_s=decoded - self._opened_s if index == 0 else None,
+            cache_bytes=self.cache_bytes(),
+        )
+        for receipt in switches:
+            self.telemetry.record_switch(receipt)
+        return ChunkResult(index=index, latent=latent, video=video, switches=switches)
+
+    def _take_commands(self, index: int) -> _Commands:
+        commands = _Commands(switches=self._scheduled.pop(index, []), controls=self._controls)
+        self._controls = {}
+        return commands
+
+    def _broadcast(self, commands: _Commands) -> _Commands:
+        """Rank 0's commands on every rank of ``command_group`` (no-op without one)."""
+        if self.command_group is None:
+            return commands
+        import torch.distributed as dist
+
+        payload = [commands]
+        source = dist.get_global_rank(self.command_group, 0)
+        dist.broadcast_object_list(payload, src=source, group=self.command_group)
+        return payload[0]
+
+    def _apply_switches(self, switches: list[SwitchReceipt], index: int) -> None:
+        prompts = [receipt.prompt for receipt in switches if receipt.prompt is not None]
+        negatives = [r.negative_prompt for r in switches if r.negative_prompt is not None]
+        recache = any(receipt.mode == "recache" for receipt in switches)
+        self.pipeline.switch_prompt(
+            self.cache,
+            [prompts[-1]] if prompts else None,
+            negative_prompt=negatives[-1] if negatives else None,
+            recache=recache,
+        )
+        if prompts:
+            self.prompt = prompts[-1]
+        applied = time.perf_counter()
+        for receipt in switches:
+            receipt.applied_at_chunk = index
+            receipt.applied_s = applied
+
+    # ------------------------------------------------------------------- closing
+    def cache_bytes(self) -> int:
+        """Bytes of the session's transformer caches (self-attention K/V and kept latents)."""
+        if self.cache is None:
+            return 0
+        return self.cache.transformer_cache.storage_bytes()
+
+    def close(self) -> None:
+        """Free the session's caches; later calls raise. Idempotent."""
+        self._closed = True
+        self.cache = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(
+                f"session {self.session_id} is closed (after {self._next_chunk} chunks); "
+                "open a new session"
+            )
+
+
+def _check_prompt(prompt: Any, what: str = "prompt") -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"cannot switch to an empty {what}: {prompt!r}")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in SWITCH_MODES:
+        raise ValueError(f"switch mode must be one of {SWITCH_MODES}, got {mode!r}")
