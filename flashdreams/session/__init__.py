@@ -6,6 +6,7 @@ offline runner and interactive callers drive the same loop.
 """
 
 from flashdreams.session.checks import NonFiniteOutputError, check_finite
+from flashdreams.session.manager import SessionManager
 from flashdreams.session.loop import RolloutProgress, SessionPipeline, StreamingSession
 from flashdreams.session.sinks import (
     BackgroundDecodeSink,
@@ -39,6 +40,7 @@ __all__ = [
     "RolloutProgress",
     "RolloutStats",
     "Session",
+    "SessionManager",
     "SessionPipeline",
     "SessionTelemetry",
     "StreamingSession",

@@ -20,7 +20,12 @@ The pipeline contract (what :class:`~flashdreams.recipes.wan.WanInferencePipelin
 provides): ``initialize_cache(text, image, height=, width=, release_oneshot_encoders=)``,
 ``switch_prompt(cache, text, negative_prompt=, recache=)``,
 ``generate_latent(i, cache, input)``, ``decode_latent(latent, i, cache)``,
-``finalize(i, cache)`` and ``diffusion_model.rng``.
+``finalize(i, cache)`` and ``diffusion_model`` (``rng``, ``device``).
+
+Each session owns its noise: the state of the generator the diffusion model
+draws from (its seeded ``rng``, else torch's global generator of the device)
+is swapped in before and saved after every chunk, so sessions interleaved
+over one model draw what each would draw alone.
 """
 
 from __future__ import annotations
@@ -122,19 +127,15 @@ class Session:
                 prompt = entry.prompt
             else:
                 self._schedule_switch(entry.prompt, None, switch_mode, entry.chunk)
-        model = pipeline.diffusion_model
-        if model.rng is None:
-            raise ValueError(
-                "a session needs a seeded diffusion model (DiffusionModelConfig.seed) to own its "
-                "noise; got seed=None"
-            )
-        if seed is None:
-            self._rng_state = model.rng.get_state()
-        else:
-            self._rng_state = torch.Generator().manual_seed(seed).get_state()
         self.cache = pipeline.initialize_cache(
             [prompt], image, height=height, width=width, release_oneshot_encoders=False
         )
+        model = pipeline.diffusion_model
+        if seed is None:
+            # After initialize_cache, which may draw from the global generator (as offline).
+            self._rng_state = _noise_state(model)
+        else:
+            self._rng_state = torch.Generator(device=model.device).manual_seed(seed).get_state()
         self.prompt = prompt
         """The prompt the next chunk is generated under (after pending switches, once applied)."""
 
@@ -207,7 +208,7 @@ class Session:
         self._controls.update(commands.controls)
         control = self._controls.pop(index, None)
         model = self.pipeline.diffusion_model
-        model.rng.set_state(self._rng_state)
+        _set_noise_state(model, self._rng_state)
         started = time.perf_counter()
         latent = self.pipeline.generate_latent(index, self.cache, control)
         denoised = time.perf_counter()
@@ -216,7 +217,7 @@ class Session:
             video = self.pipeline.decode_latent(latent, index, self.cache)
         decoded = time.perf_counter()
         self.pipeline.finalize(index, self.cache)
-        self._rng_state = model.rng.get_state()
+        self._rng_state = _noise_state(model)
         finalized = time.perf_counter()
         self._next_chunk = index + 1
         for receipt in switches:
@@ -292,3 +293,22 @@ def _check_prompt(prompt: Any, what: str = "prompt") -> None:
 def _check_mode(mode: str) -> None:
     if mode not in SWITCH_MODES:
         raise ValueError(f"switch mode must be one of {SWITCH_MODES}, got {mode!r}")
+
+
+def _noise_state(model: Any) -> torch.Tensor:
+    """State of the generator the diffusion model draws from: its own, else the global one."""
+    if model.rng is not None:
+        return model.rng.get_state()
+    device = model.device
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set_noise_state(model: Any, state: torch.Tensor) -> None:
+    if model.rng is not None:
+        model.rng.set_state(state)
+    elif model.device.type == "cuda":
+        torch.cuda.set_rng_state(state, model.device)
+    else:
+        torch.set_rng_state(state)

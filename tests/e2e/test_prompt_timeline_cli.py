@@ -1,5 +1,6 @@
-"""flashdreams-run with a prompt timeline file: the run switches where the timeline says and
-its latents equal the pipeline driven by hand with the same switches (same seed)."""
+"""flashdreams-run with a prompt timeline file: the run switches where the timeline says; its
+latents equal the pipeline driven by hand with the same switches and a session with the same
+timeline (same seed)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from e2e_helpers import run_cli, run_dirs
 from safetensors.torch import load_file
 
 from flashdreams.launch.run_config import load_run_config
+from flashdreams.session import Session, parse_prompt_timeline
 
 TIMELINE = [{"chunk": 0, "prompt": "a red ball"}, {"chunk": 2, "prompt": "a blue cube"}]
 
@@ -54,6 +56,22 @@ def by_hand(config, recache: bool) -> torch.Tensor:
     return torch.cat(latents, dim=-4)
 
 
+@torch.no_grad()
+def by_session(config) -> torch.Tensor:
+    torch.manual_seed(config.runner.seed)
+    pipeline = config.pipeline.setup().eval()
+    ratio = pipeline.decoder.spatial_compression_ratio
+    session = Session.open(
+        pipeline,
+        prompt="unused: the timeline has an entry at chunk 0",
+        height=config.runner.height // ratio,
+        width=config.runner.width // ratio,
+        timeline=parse_prompt_timeline(TIMELINE, num_chunks=config.runner.num_chunks),
+    )
+    latents = [session.step().latent for _ in range(config.runner.num_chunks)]
+    return torch.cat(latents, dim=-4)
+
+
 def test_timeline_run_equals_the_pipeline_switched_by_hand(tmp_path):
     run_dir = run_with_timeline(tmp_path)
     config = load_run_config(run_dir / "config.yaml")
@@ -67,6 +85,8 @@ def test_timeline_run_equals_the_pipeline_switched_by_hand(tmp_path):
         text_only[..., :switch_frame, :, :, :], recached[..., :switch_frame, :, :, :]
     )
     assert (text_only - recached).abs().max().item() > 1e-3
+    # A session with the same timeline produces the offline run's latents.
+    assert (saved - by_session(config)).abs().max().item() <= 1e-6
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["rollouts"][0]["prompt_switches"] == [
         {"chunk": 2, "prompt": "a blue cube", "mode": "recache"}

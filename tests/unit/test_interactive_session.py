@@ -101,3 +101,30 @@ def test_bad_requests_name_the_value_and_lose_nothing():
         session.switch_prompt("a blue cube")
     with pytest.raises(ValueError, match=r"cannot switch to an empty prompt: '  '"):
         open_session(pipeline, prompt="  ")
+
+
+def test_manager_steps_fairly_refuses_past_the_limit_and_frees_on_close():
+    from flashdreams.session import SessionManager
+
+    pipeline = tiny_wan_pipeline()
+    manager = SessionManager(pipeline, max_sessions=2)
+    first = manager.open(prompt="a red ball", height=HEIGHT, width=WIDTH, seed=1)
+    second = manager.open(prompt="a green tree", height=HEIGHT, width=WIDTH, seed=2)
+    with pytest.raises(ValueError, match=r"too many sessions: 2 open, max_sessions=2"):
+        manager.open(prompt="a blue cube", height=HEIGHT, width=WIDTH)
+    steps = [manager.step() for _ in range(2)]
+    assert [sorted(step) for step in steps] == [[0, 1], [0, 1]]
+    assert first.next_chunk == second.next_chunk == 2
+    alone = open_session(pipeline, prompt="a green tree", seed=2)
+    for step in steps:
+        assert (step[1].latent - alone.step().latent).abs().max() <= 1e-6
+    bytes_before = manager.cache_bytes()
+    manager.close(0)
+    assert first.closed and first.cache is None
+    assert 0 < manager.cache_bytes() < bytes_before
+    with pytest.raises(KeyError, match=r"no open session 0; open sessions: \[1\]"):
+        manager.get(0)
+    limited = SessionManager(pipeline, max_sessions=4, max_cache_bytes=bytes_before // 2 + 1)
+    limited.open(prompt="a red ball", height=HEIGHT, width=WIDTH)
+    with pytest.raises(ValueError, match=r"not enough cache memory for another session"):
+        limited.open(prompt="a green tree", height=HEIGHT, width=WIDTH)

@@ -1,0 +1,98 @@
+"""A session on 2 gloo ranks, with a ``recache`` switch requested on rank 0 only, equals the
+single-process session: the switch is broadcast to rank 1 before the chunk (command_group)
+and both ranks apply it at the same boundary (max abs <= 1e-5, fp32)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from _spawn import run_on_ranks
+
+from flashdreams.infra.diffusion.model import DiffusionModelConfig
+from flashdreams.infra.diffusion.scheduler.fm import FlowMatchSchedulerConfig
+from flashdreams.recipes.wan import (
+    UMT5TextEncoderConfig,
+    Wan21TransformerConfig,
+    WanDiTNetworkTinyConfig,
+    WanInferencePipelineConfig,
+)
+from flashdreams.session import Session
+
+TOL = 1e-5
+HEIGHT, WIDTH = 2, 10  # 5 tokens per frame: padded on 2 ranks
+NUM_CHUNKS, SWITCH_AFTER = 5, 3
+
+
+def pipeline_config() -> WanInferencePipelineConfig:
+    transformer = Wan21TransformerConfig(
+        network=WanDiTNetworkTinyConfig(text_dim=32),
+        dtype=torch.float32,
+        len_t=1,
+        window_size_t=2,
+        sink_size_t=1,
+        guidance_scale=3.0,
+        compile_network=False,
+        use_cuda_graph=False,
+    )
+    text_encoder = UMT5TextEncoderConfig(
+        checkpoint_path=None,
+        tokenizer_path="builtin:bytes",
+        text_len=32,
+        dtype=torch.float32,
+        model_dim=32,
+        num_layers=1,
+        num_heads=2,
+        ffn_dim=64,
+        vocab_size=300,
+    )
+    return WanInferencePipelineConfig(
+        name="wan-tiny-session-cp",
+        diffusion_model=DiffusionModelConfig(
+            transformer=transformer,
+            scheduler=FlowMatchSchedulerConfig(
+                num_inference_steps=2, denoising_timesteps=[1000, 500]
+            ),
+            seed=1234,
+            context_noise=100,
+        ),
+        text_encoder=text_encoder,
+        negative_prompt="blurry",
+    )
+
+
+@torch.no_grad()
+def run_session(is_commander: bool, command_group=None) -> list[torch.Tensor | None]:
+    torch.manual_seed(0)
+    pipeline = pipeline_config().setup().eval()
+    session = Session.open(
+        pipeline,
+        prompt="a red ball",
+        height=HEIGHT,
+        width=WIDTH,
+        seed=7,
+        command_group=command_group,
+    )
+    latents = []
+    for index in range(NUM_CHUNKS):
+        if index == SWITCH_AFTER and is_commander:
+            session.switch_prompt("a blue cube", negative_prompt="dark")
+        result = session.step()
+        if index == SWITCH_AFTER:
+            assert [receipt.applied_at_chunk for receipt in result.switches] == [SWITCH_AFTER]
+        latents.append(result.latent)
+    return latents
+
+
+def check_ranks(rank: int, world_size: int, reference: list[torch.Tensor]) -> None:
+    latents = run_session(is_commander=rank == 0, command_group=dist.group.WORLD)
+    if rank == 0:
+        for index, (latent, expected) in enumerate(zip(latents, reference, strict=True)):
+            error = (latent - expected).abs().max().item()
+            assert error <= TOL, f"chunk {index}: max abs {error:.3e} > {TOL}"
+    else:
+        assert all(latent is None for latent in latents)
+
+
+def test_session_switch_on_two_ranks_equals_one_rank():
+    reference = run_session(is_commander=True)
+    run_on_ranks(check_ranks, 2, reference)
