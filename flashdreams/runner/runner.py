@@ -192,6 +192,10 @@ def prompt_timeline(config: RunnerConfig) -> list[PromptSwitch] | None:
     entries = config.prompt_timeline
     source = "runner.prompt_timeline"
     if config.prompt_timeline_file is not None:
+        if not Path(config.prompt_timeline_file).is_file():
+            raise FileNotFoundError(
+                f"runner.prompt_timeline_file: no such file '{config.prompt_timeline_file}'"
+            )
         entries = read_prompt_timeline_file(config.prompt_timeline_file)
         source = f"runner.prompt_timeline_file '{config.prompt_timeline_file}'"
     if entries is None:
