@@ -5,6 +5,7 @@ timeline (same seed)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 from e2e_helpers import run_cli, run_dirs
@@ -91,3 +92,29 @@ def test_timeline_run_equals_the_pipeline_switched_by_hand(tmp_path):
     assert stats["rollouts"][0]["prompt_switches"] == [
         {"chunk": 2, "prompt": "a blue cube", "mode": "recache"}
     ]
+
+
+def test_torchrun_two_ranks_with_a_recache_switch_equal_one_process(tmp_path):
+    path = tmp_path / "timeline.jsonl"
+    path.write_text("".join(json.dumps(entry) + "\n" for entry in TIMELINE))
+    args = [
+        "wan-tiny-t2v",
+        "runner.height=32",
+        "runner.width=48",  # 4 x 6 latent -> 6 tokens per frame
+        "runner.num_chunks=3",
+        f"runner.prompt_timeline_file={path}",
+        "runner.save_latents=true",
+    ]
+    single = run_cli([*args, "runner.output_dir=one"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--no-python"]
+    double = run_cli([*args, "runner.output_dir=two"], tmp_path, prefix=torchrun)
+    assert double.returncode == 0, double.stderr
+    one = load_file(str(tmp_path / "one" / "latents.safetensors"))["latents"]
+    two = load_file(str(tmp_path / "two" / "latents.safetensors"))["latents"]
+    assert one.shape == two.shape
+    # fp32; only the attention reduction order differs between 1 and 2 ranks.
+    assert (one - two).abs().max().item() <= 1e-5
+    stats = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert stats["world_size"] == 2
+    assert stats["rollouts"][0]["prompt_switches"][0]["chunk"] == 2
