@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import add_common_arguments, command_line, record, setup_torch  # noqa: E402
 
-HEIGHT, WIDTH = 8, 12
+HEIGHT, WIDTH = 4, 6
 PROMPTS = ["a red panda in a bamboo forest", "a red panda on a snowy mountain"]
 
 
@@ -59,7 +59,7 @@ def build_pipeline():
                 use_cuda_graph=False,
             ),
             scheduler=FlowMatchSchedulerConfig(
-                num_inference_steps=4, denoising_timesteps=[1000, 750, 500, 250]
+                num_inference_steps=2, denoising_timesteps=[1000, 500]
             ),
             seed=0,
         ),
