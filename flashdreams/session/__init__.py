@@ -6,8 +6,9 @@ offline runner and interactive callers drive the same loop.
 """
 
 from flashdreams.session.checks import NonFiniteOutputError, check_finite
-from flashdreams.session.manager import SessionManager
 from flashdreams.session.loop import RolloutProgress, SessionPipeline, StreamingSession
+from flashdreams.session.manager import SessionManager
+from flashdreams.session.session import ChunkResult, Session, SwitchReceipt
 from flashdreams.session.sinks import (
     BackgroundDecodeSink,
     ChunkSink,
@@ -15,7 +16,6 @@ from flashdreams.session.sinks import (
     InlineDecodeSink,
     ProducedChunk,
 )
-from flashdreams.session.session import ChunkResult, Session, SwitchReceipt
 from flashdreams.session.stats import ChunkStats, RolloutStats
 from flashdreams.session.telemetry import SessionTelemetry
 from flashdreams.session.timeline import (

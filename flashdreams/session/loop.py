@@ -189,14 +189,13 @@ class StreamingSession:
         self.pipeline.switch_prompt(
             self.cache, text, negative_prompt=negative_prompt, recache=recache
         )
-        self.stats.prompt_switches.append(
-            {
-                "chunk": self.next_index,
-                "prompt": None if text is None else " | ".join(text),
-                "negative_prompt": negative_prompt,
-                "mode": "recache" if recache else "none",
-            }
-        )
+        switch: dict[str, Any] = {"chunk": self.next_index}
+        if text is not None:
+            switch["prompt"] = " | ".join(text)
+        if negative_prompt is not None:
+            switch["negative_prompt"] = negative_prompt
+        switch["mode"] = "recache" if recache else "none"
+        self.stats.prompt_switches.append(switch)
 
     # ---- one AR step -------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ class RolloutStats:
     """Frames per second over every chunk but the first (``None`` with one chunk)."""
     prompt_switches: list[dict[str, Any]] = field(default_factory=list)
     """Prompt switches applied between chunks: ``chunk`` (the first chunk under the switch),
-    ``prompt``, ``negative_prompt``, ``mode`` (``recache`` or ``none``)."""
+    ``prompt`` and / or ``negative_prompt`` (what changed), ``mode`` (``recache`` or ``none``)."""
 
     def finish(self) -> None:
         """Derive ``num_frames`` and ``steady_fps`` from the chunks."""

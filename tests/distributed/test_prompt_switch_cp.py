@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from _spawn import run_on_ranks
 
 from flashdreams.infra.diffusion.model import DiffusionModelConfig
 from flashdreams.infra.diffusion.scheduler.fm import FlowMatchSchedulerConfig
 from flashdreams.recipes.wan.transformer import Wan21TransformerConfig, WanDiTNetworkTinyConfig
+from flashdreams.testing import run_on_ranks
 
 TOL = 1e-5
 HEIGHT, WIDTH = 2, 10  # latent; patch (1, 2, 2) -> 5 tokens per frame

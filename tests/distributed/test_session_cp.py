@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from _spawn import run_on_ranks
 
 from flashdreams.infra.diffusion.model import DiffusionModelConfig
 from flashdreams.infra.diffusion.scheduler.fm import FlowMatchSchedulerConfig
@@ -17,6 +16,7 @@ from flashdreams.recipes.wan import (
     WanInferencePipelineConfig,
 )
 from flashdreams.session import Session
+from flashdreams.testing import run_on_ranks
 
 TOL = 1e-5
 HEIGHT, WIDTH = 2, 10  # 5 tokens per frame: padded on 2 ranks
