@@ -128,12 +128,13 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
         run_config_to_container,
         run_config_yaml,
     )
-    from flashdreams.launch.validate import validate_before_work
+    from flashdreams.runner.preflight import validate_before_work
     from flashdreams.runner.runner import RunContext
     from flashdreams.runner.safety import RankFailureChannel, StopGuard
 
     run_config = build_run_config(container)
-    validate_before_work(run_config)  # before any directory is created or weight loaded
+    # Before any directory is created, any weight loaded or any rank waited for.
+    validate_before_work(run_config, world_size=_launch_world_size())
     config_yaml = run_config_yaml(run_config_to_container(run_config))
     context = start_process_group(run_config.parallel.backend, run_config.parallel.init_timeout_s)
     job = _JobState()
@@ -252,6 +253,16 @@ def _handle_failure(error: BaseException, rank: int, job: _JobState) -> None:
     ):
         raise error
     raise RunFailed(report) from error
+
+
+def _launch_world_size() -> int:
+    """The number of ranks the environment describes (torchrun, srun), 1 when unsure."""
+    try:
+        from flashdreams.core.distributed import parse_launch_environment
+
+        return parse_launch_environment().world_size
+    except ValueError:
+        return 1
 
 
 def _rank_prefix() -> str:

@@ -265,13 +265,43 @@ def _print_job_config(hydra_args: list[str]) -> int:
         run_config_to_container,
         run_config_yaml,
     )
-    from flashdreams.launch.validate import validate_before_work
+    from flashdreams.runner.preflight import validate_before_work
 
     container = _compose_overrides([a for a in hydra_args if _is_override(a)])
     run_config = build_run_config(container)
     validate_before_work(run_config, checkpoints=False, memory=False)
     print(run_config_yaml(run_config_to_container(run_config)), end="")
     return 0
+
+
+def validate_sweep(overrides: list) -> None:
+    """Compose and check every job of a ``-m`` sweep before the first is launched or queued.
+
+    The per-machine memory check is left to each job (it runs where the job runs).
+    """
+    import itertools
+
+    from flashdreams.launch.run_config import build_run_config
+    from flashdreams.runner.preflight import validate_before_work
+
+    fixed, swept = [], []
+    for override in overrides:
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            swept.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            fixed.append(override.input_line)
+    for number, chosen in enumerate(itertools.product(*swept)):
+        try:
+            run_config = build_run_config(_compose_overrides([*fixed, *chosen]))
+            validate_before_work(run_config, memory=False)
+        except Exception as error:
+            shown = " ".join(c.lstrip("+") for c in chosen)
+            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            kind = (
+                error.__class__ if isinstance(error, (KeyError, FileNotFoundError)) else ValueError
+            )
+            raise kind(f"sweep job {number} ({shown}): {message}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,9 +327,13 @@ def _main(args: list[str]) -> int:
         hydra_args, _slug = build_hydra_args(args)
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        OverridesParser.create().parse_overrides([a for a in hydra_args if _is_override(a)])
+        parsed = OverridesParser.create().parse_overrides(
+            [a for a in hydra_args if _is_override(a)]
+        )
         if _wants_job_config(args):
             return _print_job_config(hydra_args)
+        if "-m" in args or "--multirun" in args:
+            validate_sweep(parsed)
     except USER_ERRORS as error:
         print(format_user_error(error), file=sys.stderr)
         return EXIT_USER_ERROR

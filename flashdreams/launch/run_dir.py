@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flashdreams.runner.safety import OutputWriteError, describe_write_error
+
 LOCK_NAME = ".flashdreams.lock"
 """Lock file held by the run that writes the directory."""
 
@@ -142,8 +144,11 @@ def _lock(path: Path) -> int:
         except FileNotFoundError:
             same_file = False
         if same_file:  # not unlinked by a run that finished meanwhile
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the refusal message only
+            except OSError:
+                pass  # a full disk: the lock holds without the pid
             return fd
         os.close(fd)
 
@@ -166,7 +171,10 @@ def claim_run_dir(
         created = _create(path)
     run_dir = RunDirectory(path=path, created_dirs=created)
     try:
-        run_dir.lock_fd = _lock(path)
+        try:
+            run_dir.lock_fd = _lock(path)
+        except OSError as error:
+            raise OutputWriteError(describe_write_error(path / LOCK_NAME, error)) from None
         run_dir.preexisting = frozenset(os.listdir(path))
         previous = run_files(path)
         if previous and not overwrite:

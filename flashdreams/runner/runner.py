@@ -34,10 +34,14 @@ from typing import Any, Literal, Protocol
 from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.config import InstantiateConfig
 from flashdreams.runner.safety import (
+    OutputWriteError,
     RunInterrupted,
     StopGuard,
     atomic_write_text,
+    describe_write_error,
     fault_injection_from_environment,
+    reserved_stats_text,
+    write_stats_in_place,
 )
 from flashdreams.session import (
     ChunkSink,
@@ -94,6 +98,10 @@ class RunnerConfig(InstantiateConfig):
     """Also write the clean latents of all chunks to ``latents.safetensors``."""
     profile: bool = False
     """Time every stage of every AR step (sets ``pipeline.enable_sync_and_profile``)."""
+    allow_random_weights: bool = False
+    """Build components whose checkpoint key is unset (``null`` or empty) with random weights
+    instead of stopping before the run; for tests and demos (the tiny slugs set it). The log
+    names every component left random."""
     check_finite: bool = True
     """Fail at the first AR step whose latent holds NaN/Inf (one cheap reduction per chunk)."""
     quality_check: bool = False
@@ -360,6 +368,15 @@ class Runner:
         """
         from loguru import logger
 
+        if self.config.allow_random_weights:
+            from flashdreams.runner.preflight import check_checkpoints
+
+            random_keys = check_checkpoints(self.pipeline_config, allow_random_weights=True)
+            if random_keys:
+                logger.info(
+                    "random weights (runner.allow_random_weights=true) for "
+                    + ", ".join(key.removesuffix(".checkpoint_path") for key in random_keys)
+                )
         started = time.perf_counter()
         prompts = self.prompts()
         self._prepare_run_dir()
@@ -402,7 +419,9 @@ class Runner:
         run_dir = self.context.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.context.config_yaml is not None:
-            atomic_write_text(run_dir / "config.yaml", self.context.config_yaml)
+            self._write_file(run_dir / "config.yaml", self.context.config_yaml)
+        # Holds the disk space the final stats need, should the disk fill up meanwhile.
+        self._write_file(run_dir / "stats.json", reserved_stats_text(self.pipeline_config.name))
 
     def _run_prompts(
         self, pipeline: RunnerPipeline, prompts: list[str], latent_size: tuple[int, int]
@@ -459,10 +478,15 @@ class Runner:
         if all_latents:
             from safetensors.torch import save_file
 
-            save_file(
-                {k: v.detach().float().cpu().contiguous() for k, v in all_latents.items()},
-                str(self.context.run_dir / "latents.safetensors"),
-            )
+            path = self.context.run_dir / "latents.safetensors"
+            try:
+                save_file(
+                    {k: v.detach().float().cpu().contiguous() for k, v in all_latents.items()},
+                    str(path),
+                )
+            except OSError as error:
+                path.unlink(missing_ok=True)
+                raise OutputWriteError(describe_write_error(path, error)) from None
         self._write_stats(stats)  # last: its presence with status "completed" marks success
         steady = (
             f"steady {stats['steady_fps']:.2f} FPS"
@@ -579,7 +603,20 @@ class Runner:
             stats["chunks"] = stats["rollouts"][-1]["chunks"]
 
     def _write_stats(self, stats: dict[str, Any]) -> None:
-        atomic_write_text(self.context.run_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+        """Atomically; on a full disk in place, into the space reserved at the start."""
+        path = self.context.run_dir / "stats.json"
+        try:
+            atomic_write_text(path, json.dumps(stats, indent=2) + "\n")
+        except OSError as error:
+            if not write_stats_in_place(path, stats):
+                raise OutputWriteError(describe_write_error(path, error)) from None
+
+    @staticmethod
+    def _write_file(path: Path, text: str) -> None:
+        try:
+            atomic_write_text(path, text)
+        except OSError as error:
+            raise OutputWriteError(describe_write_error(path, error)) from None
 
     def _deferred_stop(self):
         """During the rollout a stop signal is acted on at the next safe point (see
@@ -632,13 +669,11 @@ class Runner:
 
     # ---- one rollout -------------------------------------------------------------------------
 
-    def _make_sink(self, video_path: Path) -> ChunkSink:
+    def _make_sink(self, writer: Any) -> ChunkSink:
         """The inline sink, or the background one with ``runner.overlap_decode``; rank 0 writes."""
         from flashdreams.runner.quality import flag_frames
-        from flashdreams.runner.video import Mp4Writer
         from flashdreams.session import BackgroundDecodeSink, InlineDecodeSink
 
-        writer = Mp4Writer(video_path, fps=self.config.fps) if self.is_writer else None
         checks = dict(
             check_finite=self.config.check_finite,
             frame_check=functools.partial(flag_frames, stop=self.config.quality_check),
@@ -657,11 +692,17 @@ class Runner:
         image = self.first_frame(config.height, config.width)
         if image is not None:
             image = image.to(self.context.device)
-        sink = self._make_sink(self.context.run_dir / name)
+        writer = None
+        if self.is_writer:
+            from flashdreams.runner.video import Mp4Writer
+
+            writer = Mp4Writer(self.context.run_dir / name, fps=config.fps)
+        sink = self._make_sink(writer)
         rollout = RolloutStats(prompt=prompt, video=name)
         self.rollouts.append(rollout)
         reporter = _ChunkReporter(config.num_chunks, prompt, enabled=self.is_writer)
         session = None
+        failed = False
         try:
             switches = {entry.chunk: entry.prompt for entry in prompt_timeline(config) or []}
             switches.pop(0, None)
@@ -689,9 +730,21 @@ class Runner:
                     )
                 session.step()
             session.finish()
+        except BaseException:
+            failed = True
+            raise
         finally:
-            latents = session.close() if session is not None else sink.close()
-            reporter.close()
+            latents = None
+            try:
+                latents = session.close() if session is not None else sink.close()
+            except OutputWriteError:
+                if not failed:  # else the first failure is the one to report
+                    raise
+            finally:
+                reporter.close()
+                if writer is not None:  # chunks that never reached a full disk do not count
+                    lost = writer.num_chunks_appended - writer.num_chunks_on_disk
+                    self.progress.num_chunks_written -= lost
         return latents
 
 

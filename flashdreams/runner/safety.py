@@ -86,6 +86,84 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+# ---- write failures: a full disk ------------------------------------------------------------
+
+
+class OutputWriteError(RuntimeError):
+    """Writing an output file failed (a full disk, a quota, a vanished directory); the
+    message names the file and the disk."""
+
+
+def describe_write_error(path: str | Path, error: OSError) -> str:
+    """``no space left on device writing 'run/video.mp4' (disk: tmpfs mounted on /mnt, 0 B free)``."""
+    reason = (error.strerror or str(error)).lower()
+    return f"{reason} writing '{path}' ({_disk_of(Path(path))})"
+
+
+def _disk_of(path: Path) -> str:
+    """The filesystem holding ``path``: device, mount point and free space, as far as known."""
+    try:
+        probe = path.absolute()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        mount = probe.resolve()
+        while not os.path.ismount(mount):
+            mount = mount.parent
+        stat = os.statvfs(probe)
+        free = stat.f_bavail * stat.f_frsize
+    except OSError:
+        return "disk unknown"
+    device = "?"
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == str(mount):
+                    device = fields[0]
+    except OSError:
+        pass
+    free_text = f"{free} B" if free < 1024 else f"{free / 1024**2:.1f} MiB"
+    return f"disk: {device} mounted on {mount}, {free_text} free"
+
+
+STATS_RESERVED_BYTES = 128 * 1024
+"""Size of the placeholder ``stats.json`` written when a run starts: the final stats fit in
+it even when the disk is full by then."""
+
+
+def reserved_stats_text(pipeline_name: str) -> str:
+    """``{"status": "running", ...}`` padded with spaces to :data:`STATS_RESERVED_BYTES`."""
+    import json
+
+    text = json.dumps({"status": "running", "pipeline": pipeline_name})
+    return text + " " * (STATS_RESERVED_BYTES - len(text) - 1) + "\n"
+
+
+def write_stats_in_place(path: str | Path, stats: dict[str, Any]) -> bool:
+    """Overwrite the reserved ``stats.json`` in place (no new disk space needed).
+
+    Drops the per-chunk details if the whole does not fit. Returns ``False`` when even
+    that fails (no reserved file, or a filesystem that needs space to overwrite).
+    """
+    import json
+
+    compact = {k: v for k, v in stats.items() if k not in ("chunks", "rollouts")}
+    compact["details_dropped"] = "the disk was full; per-chunk timings left out"
+    try:
+        reserved = os.path.getsize(path)
+        for candidate in (stats, compact):
+            text = json.dumps(candidate, indent=2) + "\n"
+            if len(text.encode()) > reserved:
+                continue
+            with open(path, "r+b") as handle:
+                handle.write(text.encode().ljust(reserved - 1) + b"\n")
+                handle.flush()
+            return True
+    except OSError:
+        pass
+    return False
+
+
 # ---- stop requests: SIGTERM and failures of other ranks --------------------------------
 
 

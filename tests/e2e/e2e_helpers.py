@@ -61,3 +61,38 @@ def slurm_is_up() -> tuple[bool, str]:
     if result.returncode != 0 or not any(s.startswith(("idle", "mix", "alloc")) for s in states):
         return False, f"no SLURM node up (sinfo: {result.stdout.strip() or result.stderr.strip()})"
     return True, ""
+
+
+TINY_SMALL = ["wan-tiny-t2v", "runner.height=32", "runner.width=32"]
+"""The tiny T2V slug at 32x32 pixels."""
+TINY_LEN_T = 2
+"""Latent frames per chunk of wan-tiny-t2v."""
+
+
+def tiny_frames_of(num_chunks: int) -> int:
+    """Frames of ``num_chunks`` tiny chunks (causal Wan VAE: 1 for the first latent frame,
+    4 for every later one)."""
+    return 1 + 4 * (num_chunks * TINY_LEN_T - 1)
+
+
+def quiet_env() -> dict[str, str]:
+    """The test environment without FLASHDREAMS_TRACEBACK, one thread per process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("FLASHDREAMS_TRACEBACK", None)
+    return env
+
+
+def run_flashdreams(
+    args: list[str], cwd: Path, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*cli_command(), *args], cwd=cwd, env=quiet_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def single_error_line(stderr: str) -> str:
+    """The one ``flashdreams-run: error:`` line of ``stderr`` (asserts there is exactly one)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("flashdreams-run: error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]

@@ -126,7 +126,8 @@ def _cases(paths: dict[str, Path]) -> dict[str, Case]:
         ),
         "missing checkpoint": Case(
             ["wan-tiny-t2v", *SMALL, f"{transformer}.checkpoint_path=ckpt/missing.safetensors"],
-            ["checkpoint not found: 'ckpt/missing.safetensors' does not exist"],
+            ["pipeline.diffusion_model.transformer.checkpoint_path: 'ckpt/missing.safetensors' "
+             "does not exist"],
         ),
         "checkpoint with wrong shapes": Case(
             ["wan-tiny-t2v", *SMALL, f"{transformer}.checkpoint_path={paths['wrong_shape']}"],

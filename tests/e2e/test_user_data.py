@@ -15,36 +15,16 @@ import time
 from pathlib import Path
 
 import yaml
-from e2e_helpers import cli_command
+from e2e_helpers import (
+    TINY_SMALL,
+    cli_command,
+    quiet_env,
+    run_flashdreams,
+    single_error_line,
+    tiny_frames_of,
+)
 
 from flashdreams.runner.video import read_mp4
-
-SMALL = ["wan-tiny-t2v", "runner.height=32", "runner.width=32"]
-LEN_T = 2  # latent frames per chunk of wan-tiny-t2v
-
-
-def _frames_of(num_chunks: int) -> int:
-    """Causal Wan VAE: 1 frame for the first latent frame, 4 for every later one."""
-    return 1 + 4 * (num_chunks * LEN_T - 1)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("FLASHDREAMS_TRACEBACK", None)
-    return env
-
-
-def _run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*cli_command(), *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-
-
-def _error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("flashdreams-run: error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 def _digests(directory: Path) -> dict[str, str]:
@@ -68,7 +48,7 @@ def test_failing_run_leaves_the_users_files_alone(tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "config.yaml").write_text("x\n")
-    result = _run([*SMALL, "runner.output_dir=taken", "runner.height=40"], tmp_path)
+    result = run_flashdreams([*TINY_SMALL, "runner.output_dir=taken", "runner.height=40"], tmp_path)
     assert result.returncode == 2, result.stderr
     assert (taken / "config.yaml").read_text() == "x\n"
     assert sorted(p.name for p in taken.iterdir()) == ["config.yaml"]
@@ -77,13 +57,15 @@ def test_failing_run_leaves_the_users_files_alone(tmp_path):
     shared.mkdir()
     (shared / "notes.txt").write_text("mine\n")
     missing = "pipeline.diffusion_model.transformer.checkpoint_path=missing.safetensors"
-    result = _run([*SMALL, "runner.output_dir=shared", missing], tmp_path)
+    result = run_flashdreams([*TINY_SMALL, "runner.output_dir=shared", missing], tmp_path)
     assert result.returncode == 2, result.stderr
-    assert "missing.safetensors" in _error_line(result.stderr)
+    assert "missing.safetensors" in single_error_line(result.stderr)
     assert sorted(p.name for p in shared.iterdir()) == ["notes.txt"]
     assert (shared / "notes.txt").read_text() == "mine\n"
 
-    result = _run([*SMALL, "runner.output_dir=fresh/run", "runner.height=40"], tmp_path)
+    result = run_flashdreams(
+        [*TINY_SMALL, "runner.output_dir=fresh/run", "runner.height=40"], tmp_path
+    )
     assert result.returncode == 2 and not (tmp_path / "fresh").exists(), result.stderr
 
 
@@ -91,22 +73,24 @@ def test_failing_run_leaves_the_users_files_alone(tmp_path):
 
 
 def test_second_run_into_a_used_directory_refuses(tmp_path):
-    first = _run([*SMALL, "runner.num_chunks=1", "runner.output_dir=d", "runner.save_latents=true"],
+    first = run_flashdreams([*TINY_SMALL, "runner.num_chunks=1", "runner.output_dir=d", "runner.save_latents=true"],
                  tmp_path)  # fmt: skip
     assert first.returncode == 0, first.stderr
     before = _digests(tmp_path / "d")
     assert {"config.yaml", "stats.json", "video.mp4", "latents.safetensors"} <= set(before)
 
-    second = _run([*SMALL, "runner.num_chunks=1", "runner.output_dir=d", "runner.seed=5"], tmp_path)
+    second = run_flashdreams(
+        [*TINY_SMALL, "runner.num_chunks=1", "runner.output_dir=d", "runner.seed=5"], tmp_path
+    )
     assert second.returncode == 2, second.stderr
-    assert _error_line(second.stderr) == (
+    assert single_error_line(second.stderr) == (
         "flashdreams-run: error: runner.output_dir 'd' already holds a run (config.yaml, "
         "latents.safetensors, log_rank0.txt, stats.json, video.mp4); choose a new directory, "
         "or set runner.overwrite=true to replace those files"
     )
     assert _digests(tmp_path / "d") == before  # byte-identical, nothing added
 
-    third = _run([*SMALL, "runner.num_chunks=1", "runner.output_dir=d", "runner.seed=5",
+    third = run_flashdreams([*TINY_SMALL, "runner.num_chunks=1", "runner.output_dir=d", "runner.seed=5",
                   "runner.overwrite=true"], tmp_path)  # fmt: skip
     assert third.returncode == 0, third.stderr
     assert "deleted the earlier run's" in third.stderr
@@ -121,13 +105,13 @@ def test_two_concurrent_runs_into_one_directory(tmp_path):
         subprocess.Popen(
             [
                 *cli_command(),
-                *SMALL,
+                *TINY_SMALL,
                 "runner.num_chunks=3",
                 "runner.output_dir=d",
                 f"runner.seed={seed}",
             ],
             cwd=tmp_path,
-            env=_env(),
+            env=quiet_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -144,7 +128,7 @@ def test_two_concurrent_runs_into_one_directory(tmp_path):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["runner"]["seed"] == winner_seed
     stats = _stats(run_dir)
     assert stats["status"] == "completed" and stats["num_chunks_written"] == 3
-    assert read_mp4(run_dir / "video.mp4")[0].shape[0] == _frames_of(3)
+    assert read_mp4(run_dir / "video.mp4")[0].shape[0] == tiny_frames_of(3)
 
 
 # ---- item 4: Ctrl-C and stop requests inside a long chunk -----------------------------------------
@@ -153,7 +137,7 @@ def test_two_concurrent_runs_into_one_directory(tmp_path):
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     """Started in its own session, like a shell job, so killpg reaches it and ffmpeg alike."""
     return subprocess.Popen(
-        [*cli_command(), *args], cwd=cwd, env=_env(), stderr=subprocess.PIPE, text=True,
+        [*cli_command(), *args], cwd=cwd, env=quiet_env(), stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
 
@@ -169,13 +153,15 @@ def _wait_for_log(process: subprocess.Popen, log: Path, text: str, timeout: floa
 
 def test_ctrl_c_keeps_a_playable_video_and_says_one_line(tmp_path):
     run_dir = tmp_path / "run"
-    process = _start([*SMALL, "runner.num_chunks=100", "runner.output_dir=run"], tmp_path)
+    process = _start([*TINY_SMALL, "runner.num_chunks=100", "runner.output_dir=run"], tmp_path)
     _wait_for_log(process, run_dir / "log_rank0.txt", "chunk 10/100")  # logged every 10 chunks
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
-    not_progress = [line for line in stderr.splitlines() if "| INFO    |" not in line]
+    lines = stderr.splitlines()
+    last_progress = max(i for i, line in enumerate(lines) if "| INFO    |" in line)
+    not_progress = lines[last_progress + 1 :]  # what the signal printed
     assert len(not_progress) <= 2, stderr  # the kept-chunks warning and the final line
     assert not_progress[-1].startswith("flashdreams-run: interrupted by SIGINT"), stderr
     stats = _stats(run_dir)
@@ -184,7 +170,7 @@ def test_ctrl_c_keeps_a_playable_video_and_says_one_line(tmp_path):
     assert 10 <= written < 100
     assert f"{written} chunk(s) kept" in not_progress[-1]
     frames, _ = read_mp4(run_dir / "video.mp4")
-    assert frames.shape == (_frames_of(written), 32, 32, 3)
+    assert frames.shape == (tiny_frames_of(written), 32, 32, 3)
 
 
 def test_stop_request_in_a_long_chunk_acts_within_a_denoising_step(tmp_path):
@@ -192,7 +178,7 @@ def test_stop_request_in_a_long_chunk_acts_within_a_denoising_step(tmp_path):
     num_steps = 2000
     run_dir = tmp_path / "run"
     process = _start(
-        [*SMALL, "runner.num_chunks=2", "runner.output_dir=run",
+        [*TINY_SMALL, "runner.num_chunks=2", "runner.output_dir=run",
          f"pipeline.diffusion_model.scheduler.num_inference_steps={num_steps}"],
         tmp_path,
     )  # fmt: skip
@@ -209,7 +195,7 @@ def test_stop_request_in_a_long_chunk_acts_within_a_denoising_step(tmp_path):
     seconds_per_step = stats["chunks"][0]["generate_s"] / num_steps
     # Acted on at the next step boundary: far below the seconds the chunk still needed.
     assert stats["stop_latency_s"] < max(0.5, 50 * seconds_per_step), stats
-    assert read_mp4(run_dir / "video.mp4")[0].shape[0] == _frames_of(1)
+    assert read_mp4(run_dir / "video.mp4")[0].shape[0] == tiny_frames_of(1)
 
 
 # ---- item 5: prompts as people type them ---------------------------------------------------------------
@@ -221,7 +207,7 @@ PROMPT = 'a cat, surfing (it\'s "great") \U0001f431 \u732b\u5728\u51b2\u6d6a ${H
 def test_prompt_reaches_the_encoder_verbatim(tmp_path):
     """Commas, quotes, parentheses, emoji, CJK, ``${HOME}``, a newline and backslashes."""
     assert len(PROMPT.encode()) < 128  # every byte is a token of the tiny byte tokenizer
-    result = _run([*SMALL, "runner.num_chunks=1", "runner.output_dir=p", "runner.save_latents=true",
+    result = run_flashdreams([*TINY_SMALL, "runner.num_chunks=1", "runner.output_dir=p", "runner.save_latents=true",
                    "pipeline.text_encoder.text_len=128",
                    "pipeline.diffusion_model.transformer.network.text_len=128",
                    f"runner.prompt={PROMPT}"],
@@ -240,7 +226,7 @@ def test_prompt_reaches_the_encoder_verbatim(tmp_path):
     assert _latents_in_process(run_dir, tmp_path / "same", PROMPT).equal(written)
     assert not _latents_in_process(run_dir, tmp_path / "other", PROMPT[:-1]).equal(written)
 
-    printed = _run([*SMALL, f"runner.prompt={PROMPT}", "--cfg", "job"], tmp_path)
+    printed = run_flashdreams([*TINY_SMALL, f"runner.prompt={PROMPT}", "--cfg", "job"], tmp_path)
     assert printed.returncode == 0, printed.stderr
     assert yaml.safe_load(printed.stdout)["runner"]["prompt"] == PROMPT
 
@@ -259,3 +245,48 @@ def _latents_in_process(saved_run: Path, run_dir: Path, prompt: str):
     )
     runner.run()
     return load_file(str(run_dir / "latents.safetensors"))["latents"]
+
+
+def test_stop_request_on_one_rank_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 only: the ranks agree at the next denoising step and both stop
+    there (no rank is left waiting in a collective until the process-group timeout)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    processes = []
+    for rank in range(2):
+        env = dict(quiet_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        processes.append(
+            subprocess.Popen(
+                [
+                    *cli_command(),
+                    *TINY_SMALL,
+                    "runner.num_chunks=2",
+                    "runner.output_dir=run",
+                    "pipeline.diffusion_model.scheduler.num_inference_steps=2000",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    try:
+        _wait_for_log(processes[0], tmp_path / "run" / "log_rank0.txt", "chunk 1/2")
+        time.sleep(0.5)
+        processes[1].send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        outcomes = [(p.wait(timeout=60), p.communicate()[1]) for p in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert time.monotonic() - signalled < 30
+    assert [code for code, _ in outcomes] == [143, 143], outcomes
+    stats = _stats(tmp_path / "run")
+    assert stats["status"] == "interrupted" and stats["num_chunks_written"] == 1
+    assert "before denoising step" in stats["error"] and "of AR step 1" in stats["error"]
+    step = stats["error"].split("before denoising step ")[1].split()[0]
+    assert f"before denoising step {step} of AR step 1" in outcomes[1][1], outcomes[1][1]

@@ -85,7 +85,8 @@ def test_runner_writes_config_and_stats_atomically(tmp_path, monkeypatch):
         ["runner.height=32", "runner.width=32", "runner.num_chunks=1", "runner.output_dir=run"],
     )
     stats = run(container)
-    assert renamed == ["config.yaml", "stats.json"]
+    # config.yaml, the stats placeholder that reserves disk space, the final stats.
+    assert renamed == ["config.yaml", "stats.json", "stats.json"]
     assert json.loads((tmp_path / "run" / "stats.json").read_text())["status"] == "completed"
     assert stats["status"] == "completed" and stats["last_completed_chunk"] == 0
 
@@ -284,3 +285,66 @@ def test_1000_chunk_rollout_has_flat_memory_and_time():
     start = lower_quartile(seconds[100:200])
     end = min(lower_quartile(seconds[first : first + 100]) for first in (600, 700, 800, 900))
     assert end <= 1.1 * start, f"time per chunk {start * 1e3:.2f} ms -> {end * 1e3:.2f} ms"
+
+
+# ---- stop requests inside the rollout, full disks ------------------------------------------
+
+
+def test_deferred_stop_is_recorded_then_a_second_signal_raises():
+    with StopGuard() as guard:
+        with guard.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert guard.stop_signal == signal.SIGINT and guard.received_at is not None
+            with pytest.raises(RunInterrupted, match="interrupted by SIGINT") as error:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)
+    assert error.value.exit_code == 130
+
+
+def test_stats_fit_in_the_reserved_file_when_the_disk_is_full(tmp_path):
+    from flashdreams.runner.safety import (
+        STATS_RESERVED_BYTES,
+        reserved_stats_text,
+        write_stats_in_place,
+    )
+
+    path = tmp_path / "stats.json"
+    path.write_text(reserved_stats_text("demo"))
+    assert json.loads(path.read_text()) == {"status": "running", "pipeline": "demo"}
+    stats = {"status": "failed", "num_chunks_written": 3, "chunks": [{"i": "x" * 100}] * 2000}
+    assert write_stats_in_place(path, stats)
+    assert path.stat().st_size == STATS_RESERVED_BYTES  # not one byte more disk
+    saved = json.loads(path.read_text())
+    assert saved["status"] == "failed" and saved["num_chunks_written"] == 3
+    assert "chunks" not in saved and "details_dropped" in saved
+
+
+def test_mp4_writer_cuts_back_to_the_last_whole_chunk_when_a_write_fails(tmp_path, monkeypatch):
+    """A write error after two chunks leaves exactly those two chunks, decodable."""
+    import numpy as np
+
+    from flashdreams.runner import video
+    from flashdreams.runner.safety import OutputWriteError
+
+    writer = video.Mp4Writer(tmp_path / "v.mp4", fps=8.0)
+    rng = np.random.default_rng(0)
+    for num_frames in (5, 8):
+        writer.append(rng.integers(0, 255, (num_frames, 16, 16, 3), dtype=np.uint8))
+    writer._process.stdin.flush()
+    deadline = time.monotonic() + 30
+    while writer.num_chunks_on_disk < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    real_write = os.write
+
+    def failing_write(fd, data):
+        if fd == writer._fd and writer.num_chunks_on_disk >= 2:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(video.os, "write", failing_write)
+    writer.append(rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8))
+    with pytest.raises(OutputWriteError, match="no space left on device writing .*v.mp4"):
+        writer.close()
+    assert writer.num_chunks_appended == 3 and writer.num_chunks_on_disk == 2
+    assert video.read_mp4(tmp_path / "v.mp4")[0].shape == (13, 16, 16, 3)
