@@ -77,7 +77,9 @@ def test_disk_full_mid_run_keeps_a_playable_video_and_stats(tmp_path):
         stats = json.loads((run_dir / "stats.json").read_text())
         assert stats["status"] == "failed" and "no space left on device" in stats["error"]
         written = stats["num_chunks_written"]
-        assert written >= 40
+        # Chunk 40 was logged before the disk filled; its fragment may still have been in
+        # the encoder's pipe then, so the 40th may be the one cut off.
+        assert written >= 39
         frames, _ = read_mp4(run_dir / "video.mp4")
         assert frames.shape == (e2e.tiny_frames_of(written), 32, 32, 3)
 
