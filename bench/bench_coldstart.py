@@ -20,6 +20,11 @@ encoder is 11 GB).
 
     python bench/bench_coldstart.py [--components dit,dit-diffusers,vae,umt5] [--record]
     python bench/bench_coldstart.py --smoke          # tiny models: checks the code path
+
+``--ttff SLUG [--ttff-overrides "k=v ..."]`` also runs ``flashdreams-run SLUG`` once and
+prints its time to first frame, itemised from ``stats.json``'s ``startup`` section
+(process launch, imports, config, distributed set-up, pipeline build with each
+component's load, compile / CUDA-graph capture, first chunk).
 """
 
 from __future__ import annotations
@@ -249,6 +254,26 @@ def measure(mode: str, component: str, path: Path, args: argparse.Namespace) -> 
 # ----------------------------------------------------------------- main
 
 
+def time_to_first_frame(slug: str, overrides: list[str], workdir: str | None) -> list[str]:
+    """Run the CLI once; the markdown rows of its ``startup`` section."""
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="ttff-") as directory:
+        run_dir = Path(directory) / "run"
+        command = [sys.executable, "-m", "flashdreams.launch.cli", slug]
+        command += [*overrides, f"runner.output_dir={run_dir}"]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"flashdreams-run {slug} failed:\n{result.stderr}")
+        startup = json.loads((run_dir / "stats.json").read_text())["startup"]
+    rows = [f"Time to first frame: `flashdreams-run {' '.join([slug, *overrides])}`", ""]
+    rows += ["| phase | seconds |", "|---|---|"]
+    for key, value in startup.items():
+        if key == "component_load_s":
+            rows += [f"| load {name} | {seconds:.3f} |" for name, seconds in value.items()]
+        elif value is not None:
+            rows.append(f"| {key.removesuffix('_s')} | {value:.3f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--components", default=",".join(COMPONENTS))
@@ -256,6 +281,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--umt5-layers", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="where checkpoints are written")
+    parser.add_argument("--ttff", default=None, metavar="SLUG", help="also time a CLI run")
+    parser.add_argument("--ttff-overrides", default="", help="key=value overrides for --ttff")
     parser.add_argument("--child", default=None, choices=("read", "setup"), help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     add_common_arguments(parser)
@@ -302,6 +329,8 @@ def main() -> None:
             f"| {component} | {weight_bytes / 2**20:.1f} | {read_s:.3f} | {setup_s:.3f} | "
             f"{setup_s / read_s:.2f} | {peak / 2**20:.0f} | {peak / weight_bytes:.2f} |"
         )
+    if args.ttff:
+        lines += ["", *time_to_first_frame(args.ttff, args.ttff_overrides.split(), args.workdir)]
     text = "\n".join(lines)
     print(text)
     for component, weight_bytes, read_s, setup_s, peak in rows:

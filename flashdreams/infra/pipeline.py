@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
@@ -93,9 +94,22 @@ class StreamInferencePipeline(
     ) -> None:
         super().__init__()
         self.config = config
-        self.encoder = config.encoder.setup() if config.encoder is not None else None
-        self.decoder = config.decoder.setup() if config.decoder is not None else None
-        self.diffusion_model = config.diffusion_model.setup(parallel=parallel)
+        self.load_times: dict[str, float] = {}
+        """Component name -> seconds its construction (checkpoint load included) took."""
+        self.encoder = self._timed_setup("encoder", config.encoder)
+        self.decoder = self._timed_setup("decoder", config.decoder)
+        self.diffusion_model = self._timed_setup(
+            "diffusion_model", config.diffusion_model, parallel=parallel
+        )
+
+    def _timed_setup(self, name: str, component: Any, **kwargs: Any) -> Any:
+        """``component.setup(**kwargs)`` (``None`` for no component), timed in ``load_times``."""
+        if component is None:
+            return None
+        started = time.perf_counter()
+        built = component.setup(**kwargs)
+        self.load_times[name] = time.perf_counter() - started
+        return built
 
     @property
     def device(self) -> torch.device:

@@ -121,6 +121,9 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
     chunk was written yet, rank 0 removes the files and directories this run created
     (:mod:`flashdreams.launch.run_dir`), and nothing else.
     """
+    from flashdreams.runner.startup import StartupClock
+
+    clock = StartupClock.begin()
     from flashdreams.core.distributed import shutdown_distributed
     from flashdreams.launch.distributed import start_process_group
     from flashdreams.launch.run_config import (
@@ -132,10 +135,12 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
     from flashdreams.runner.runner import RunContext
     from flashdreams.runner.safety import RankFailureChannel, StopGuard
 
+    clock.mark("import")
     run_config = build_run_config(container)
     # Before any directory is created, any weight loaded or any rank waited for.
     validate_before_work(run_config, world_size=_launch_world_size())
     config_yaml = run_config_yaml(run_config_to_container(run_config))
+    clock.mark("config")
     context = start_process_group(run_config.parallel.backend, run_config.parallel.init_timeout_s)
     job = _JobState()
     with StopGuard() as guard:
@@ -145,6 +150,7 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
                 job.channel.start()
             plan = run_config.parallel.build_plan()  # validated once, groups created once
             run_dir = _agree_on_run_dir(run_config, context, job_number, job)
+            clock.mark("distributed")
             job.runner = run_config.runner.setup(
                 pipeline_config=run_config.pipeline,
                 context=RunContext(
@@ -155,6 +161,7 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
                     config_yaml=config_yaml,
                     stop_guard=guard,
                     parallel=plan,
+                    startup=clock,
                 ),
             )
             stats = job.runner.run()

@@ -43,6 +43,7 @@ from flashdreams.runner.safety import (
     reserved_stats_text,
     write_stats_in_place,
 )
+from flashdreams.runner.startup import StartupClock, dynamo_compile_s, startup_report
 from flashdreams.session import (
     ChunkSink,
     ChunkStats,
@@ -147,6 +148,9 @@ class RunContext:
     parallel: ParallelPlan | None = None
     """The run's parallel plan, handed to the pipeline; ``None``: the pipeline detects it
     from the world size (the reference default)."""
+    startup: StartupClock | None = None
+    """The launcher's start-up clock (phases before the runner); ``None``: a new clock
+    starts with :meth:`Runner.run`."""
 
 
 class RunnerPipeline(SessionPipeline, Protocol):
@@ -162,6 +166,12 @@ class RunnerPipeline(SessionPipeline, Protocol):
 
     def eval(self) -> RunnerPipeline:
         """Inference mode."""
+
+
+def _cuda_graph_capture_s(pipeline: Any) -> float:
+    """Seconds the pipeline's modules spent capturing CUDA graphs (those that report it)."""
+    modules = pipeline.modules() if callable(getattr(pipeline, "modules", None)) else []
+    return float(sum(getattr(module, "cuda_graph_capture_s", 0.0) for module in modules))
 
 
 def _peak_host_memory_mib() -> float:
@@ -378,6 +388,7 @@ class Runner:
                     + ", ".join(key.removesuffix(".checkpoint_path") for key in random_keys)
                 )
         started = time.perf_counter()
+        clock = self.context.startup or StartupClock.begin()
         prompts = self.prompts()
         self._prepare_run_dir()
         quality_reference = (
@@ -385,6 +396,7 @@ class Runner:
         )
         pipeline = self.build_pipeline()
         build_s = time.perf_counter() - started
+        clock.mark("build")
         logger.info(f"built pipeline '{self.pipeline_config.name}' in {build_s:.2f} s")
         if self.config.overlap_decode:
             self._check_overlap_support(pipeline)
@@ -405,10 +417,20 @@ class Runner:
                 pipeline, prompts[0], latent_size, quality_reference
             )
         try:
+            rollouts_started_at = clock.now()
             all_latents = self._run_prompts(pipeline, prompts, latent_size)
         except BaseException as error:
             self._record_failure(stats, error, started)
             raise
+        first = self.rollouts[0]
+        stats["startup"] = startup_report(
+            clock,
+            component_load_s=dict(getattr(pipeline, "load_times", {})),
+            first_chunk_s=first.first_chunk_latency_s,
+            first_frame_at_s=rollouts_started_at + first.first_chunk_latency_s,
+            compile_s=dynamo_compile_s(),
+            cuda_graph_capture_s=_cuda_graph_capture_s(pipeline),
+        )
         self._record_success(stats, all_latents, started)
         return stats
 

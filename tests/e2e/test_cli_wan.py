@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from importlib import metadata
 
 import numpy as np
@@ -24,7 +25,9 @@ def _expected_frames(num_chunks: int, len_t: int, temporal_ratio: int = 4) -> in
 
 
 def test_bare_command_writes_playable_mp4(tmp_path):
+    launched = time.perf_counter()
     result = run_cli([], tmp_path)
+    wall_s = time.perf_counter() - launched
     assert result.returncode == 0, result.stderr
     (run_dir,) = run_dirs(tmp_path, "wan-tiny-t2v")
     config = load_run_config(run_dir / "config.yaml")
@@ -40,6 +43,20 @@ def test_bare_command_writes_playable_mp4(tmp_path):
     assert frames.std() > 1.0  # not a constant image
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["world_size"] == 1 and len(stats["chunks"]) == config.runner.num_chunks
+    # Time to first frame, itemised: each phase once, in order, adding up.
+    startup = stats["startup"]
+    phases = ["launch_s", "import_s", "config_s", "distributed_s", "build_s"]
+    assert [key for key in startup if key.endswith("_s")][: len(phases)] == phases
+    assert all(startup[key] >= 0 for key in phases)
+    assert set(startup["component_load_s"]) == {"diffusion_model", "decoder", "text_encoder"}
+    assert startup["compile_s"] == 0 and startup["cuda_graph_capture_s"] == 0  # eager on CPU
+    assert startup["first_chunk_s"] == stats["first_chunk_latency_s"]
+    # The text encoder loads with the first rollout: inside its first chunk.
+    assert startup["component_load_s"]["text_encoder"] < startup["first_chunk_s"]
+    before_rollout = sum(startup[key] for key in phases)
+    assert before_rollout + startup["first_chunk_s"] <= startup["time_to_first_frame_s"]
+    assert startup["time_to_first_frame_s"] < before_rollout + startup["first_chunk_s"] + 1.0
+    assert startup["time_to_first_frame_s"] < wall_s
 
 
 def test_slug_with_overrides(tmp_path):

@@ -68,9 +68,11 @@ class WanInferencePipeline(StreamInferencePipeline):
     def _load_oneshot_encoders(self) -> None:
         device = self.device
         if self.text_encoder is None and self.config.text_encoder is not None:
-            self.text_encoder = self.config.text_encoder.setup().to(device).eval()
+            encoder = self._timed_setup("text_encoder", self.config.text_encoder)
+            self.text_encoder = encoder.to(device).eval()
         if self.image_encoder is None and self.config.image_encoder is not None:
-            self.image_encoder = self.config.image_encoder.setup().to(device).eval()
+            encoder = self._timed_setup("image_encoder", self.config.image_encoder)
+            self.image_encoder = encoder.to(device).eval()
 
     def release_oneshot_encoders(self) -> None:
         """Drop the text and image encoders; the next ``initialize_cache`` rebuilds them. Idempotent."""

@@ -9,6 +9,7 @@ change between calls are copied into static buffers before each replay.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -31,6 +32,8 @@ class CUDAGraphWrapper:
         self.warmup_iters = warmup_iters
         self._warmup_counts: dict[Hashable, int] = {}
         self._graphs: dict[Hashable, tuple[Any, list[torch.Tensor | None], torch.Tensor]] = {}
+        self.capture_s = 0.0
+        """Seconds spent capturing graphs so far (start-up cost reported in ``stats.json``)."""
 
     def drain(self, *tensors: torch.Tensor | None, **static_kwargs: Any) -> torch.Tensor:
         """Eager path, used while shapes still change."""
@@ -55,12 +58,14 @@ class CUDAGraphWrapper:
                     out = self.fn(*tensors, **static_kwargs)
                 torch.cuda.current_stream().wait_stream(side_stream)
                 return out
+            started = time.perf_counter()
             static_inputs = [None if t is None else t.clone() for t in tensors]
             graph = torch.cuda.CUDAGraph()
             # thread_local: a decode running on the overlap worker thread may
             # allocate while we capture; that must not invalidate the capture.
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_output = self.fn(*static_inputs, **static_kwargs)
+            self.capture_s += time.perf_counter() - started
             entry = (graph, static_inputs, static_output)
             self._graphs[key] = entry
         graph, static_inputs, static_output = entry

@@ -295,6 +295,12 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         return self.parallel.plan.cfg
 
     # ------------------------------------------------------------ checkpoint
+    @property
+    def cuda_graph_capture_s(self) -> float:
+        """Seconds spent capturing CUDA graphs so far (0 without them)."""
+        graph = self.executor.graph
+        return 0.0 if graph is None else graph.capture_s
+
     def load_checkpoint(self, path: str) -> None:
         """Load weights into the (unfused) network: load -> transform -> layout check -> strict copy."""
         from flashdreams.core.checkpoint import load_checkpoint, load_state_dict_into_module
