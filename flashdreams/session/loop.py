@@ -199,8 +199,11 @@ class StreamingSession:
 
     # ---- one AR step -------------------------------------------------------------------------
 
-    def step(self) -> ChunkStats:
-        """Generate the next chunk, hand it to the sink, finalize it; returns its stats."""
+    def step(self, control: Any = None) -> ChunkStats:
+        """Generate the next chunk, hand it to the sink, finalize it; returns its stats.
+
+        ``control`` is this chunk's input for the pipeline's encoder (``None``: none).
+        """
         index = self.next_index
         progress = self.progress
         progress.autoregressive_index = index
@@ -208,7 +211,7 @@ class StreamingSession:
         progress.stage = "generate"
         self._raise_sink_failure()
         started = time.perf_counter()
-        chunk = self._generate(index)
+        chunk = self._generate(index, control)
         generated = time.perf_counter()
         progress.stage = "write"
         self._fault(index, "write")
@@ -233,9 +236,9 @@ class StreamingSession:
         self._mark(finalized=index)
         return stats
 
-    def _generate(self, index: int) -> ProducedChunk:
+    def _generate(self, index: int, control: Any) -> ProducedChunk:
         self._fault(index, "generate")
-        chunk = self.sink.produce(self.pipeline, index, self.cache)
+        chunk = self.sink.produce(self.pipeline, index, self.cache, control)
         self._fault(index, "generate", chunk.local_latent)
         if self.check_finite:
             check_finite(chunk.local_latent, index)

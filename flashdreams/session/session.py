@@ -16,10 +16,16 @@ lockstep; requests are made on rank 0 and broadcast to the other ranks
 before each chunk (``command_group``), so all ranks apply the same switches
 and controls at the same chunk.
 
+A session steps the same loop as the offline runner
+(:class:`~flashdreams.session.loop.StreamingSession`, on a
+:class:`~flashdreams.session.sinks.ReturningSink`): each ``step`` returns the
+chunk's latent and video, and with a ``writer`` (e.g. an ``Mp4Writer``) the
+frames are also written, so a saved session equals an offline run.
+
 The pipeline contract (what :class:`~flashdreams.recipes.wan.WanInferencePipeline`
 provides): ``initialize_cache(text, image, height=, width=, release_oneshot_encoders=)``,
 ``switch_prompt(cache, text, negative_prompt=, recache=)``,
-``generate_latent(i, cache, input)``, ``decode_latent(latent, i, cache)``,
+``generate_latent(i, cache, input)``, ``decode_latent(latent, i, cache)``, ``clean_latent(cache)``,
 ``finalize(i, cache)`` and ``diffusion_model`` (``rng``, ``device``).
 
 Each session owns its noise: the state of the generator the diffusion model
@@ -36,6 +42,9 @@ from typing import Any, Literal
 
 import torch
 
+from flashdreams.session.loop import StreamingSession
+from flashdreams.session.sinks import FrameWriter, ReturningSink
+from flashdreams.session.stats import RolloutStats
 from flashdreams.session.telemetry import SessionTelemetry
 from flashdreams.session.timeline import PromptSwitch
 
@@ -103,6 +112,8 @@ class Session:
         timeline: list[PromptSwitch] | None = None,
         switch_mode: SwitchMode = "recache",
         decode: bool = True,
+        writer: FrameWriter | None = None,
+        check_finite: bool = True,
         command_group: Any = None,
         session_id: int = 0,
     ) -> None:
@@ -127,8 +138,17 @@ class Session:
                 prompt = entry.prompt
             else:
                 self._schedule_switch(entry.prompt, None, switch_mode, entry.chunk)
-        self.cache = pipeline.initialize_cache(
-            [prompt], image, height=height, width=width, release_oneshot_encoders=False
+        self.sink = ReturningSink(writer, decode=decode, check_finite=check_finite)
+        self.stream = StreamingSession.open(
+            pipeline,
+            self.sink,
+            text=[prompt],
+            image=image,
+            height=height,
+            width=width,
+            keep_encoders=True,
+            stats=RolloutStats(prompt=prompt),
+            check_finite=check_finite,
         )
         model = pipeline.diffusion_model
         if seed is None:
@@ -209,28 +229,25 @@ class Session:
         control = self._controls.pop(index, None)
         model = self.pipeline.diffusion_model
         _set_noise_state(model, self._rng_state)
-        started = time.perf_counter()
-        latent = self.pipeline.generate_latent(index, self.cache, control)
-        denoised = time.perf_counter()
-        video = None
-        if self.decode and latent is not None:
-            video = self.pipeline.decode_latent(latent, index, self.cache)
-        decoded = time.perf_counter()
-        self.pipeline.finalize(index, self.cache)
+        stats = self.stream.step(control)
         self._rng_state = _noise_state(model)
-        finalized = time.perf_counter()
         self._next_chunk = index + 1
+        chunk = self.sink.last
+        assert chunk is not None and chunk.index == index
+        delivered_at = self.sink.delivered_at
         for receipt in switches:
-            receipt.first_frame_s = decoded
+            receipt.first_frame_s = delivered_at
         self.telemetry.record_chunk(
-            denoise_s=denoised - started + (finalized - decoded),
-            decode_s=decoded - denoised,
-            first_frame_s=decoded - self._opened_s if index == 0 else None,
+            denoise_s=stats.generate_s + stats.finalize_s,
+            decode_s=stats.decode_s or 0.0,
+            first_frame_s=delivered_at - self._opened_s if index == 0 else None,
             cache_bytes=self.cache_bytes(),
         )
+        if self.sink.writer is not None:
+            self.telemetry.record_write(stats.write_s)
         for receipt in switches:
             self.telemetry.record_switch(receipt)
-        return ChunkResult(index=index, latent=latent, video=video, switches=switches)
+        return ChunkResult(index=index, latent=chunk.latent, video=chunk.video, switches=switches)
 
     def _take_commands(self, index: int) -> _Commands:
         commands = _Commands(switches=self._scheduled.pop(index, []), controls=self._controls)
@@ -252,8 +269,7 @@ class Session:
         prompts = [receipt.prompt for receipt in switches if receipt.prompt is not None]
         negatives = [r.negative_prompt for r in switches if r.negative_prompt is not None]
         recache = any(receipt.mode == "recache" for receipt in switches)
-        self.pipeline.switch_prompt(
-            self.cache,
+        self.stream.switch_prompt(
             [prompts[-1]] if prompts else None,
             negative_prompt=negatives[-1] if negatives else None,
             recache=recache,
@@ -266,6 +282,16 @@ class Session:
             receipt.applied_s = applied
 
     # ------------------------------------------------------------------- closing
+    @property
+    def cache(self) -> Any:
+        """The pipeline caches of this session's rollout (``None`` once closed)."""
+        return self.stream.cache
+
+    @property
+    def stats(self) -> RolloutStats:
+        """The rollout's stats (per chunk; prompt switches), as the offline runner keeps them."""
+        return self.stream.stats
+
     def cache_bytes(self) -> int:
         """Bytes of the session's transformer caches (self-attention K/V and kept latents)."""
         if self.cache is None:
@@ -273,9 +299,13 @@ class Session:
         return self.cache.transformer_cache.storage_bytes()
 
     def close(self) -> None:
-        """Free the session's caches; later calls raise. Idempotent."""
+        """Close the writer (a saved video plays) and free the session's caches; later
+        calls raise. Idempotent."""
+        if self._closed:
+            return
         self._closed = True
-        self.cache = None
+        self.stream.close()
+        self.stream.cache = None
 
     def _check_open(self) -> None:
         if self._closed:

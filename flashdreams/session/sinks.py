@@ -97,8 +97,9 @@ class ChunkSink(ABC):
         self.on_written = on_written
 
     @abstractmethod
-    def produce(self, pipeline: Any, index: int, cache: Any) -> ProducedChunk:
-        """Run the pipeline's generation of AR step ``index`` (collective under CP)."""
+    def produce(self, pipeline: Any, index: int, cache: Any, control: Any = None) -> ProducedChunk:
+        """Run the pipeline's generation of AR step ``index`` (collective under CP);
+        ``control`` is the step's input for the pipeline's encoder (``None``: none)."""
 
     @abstractmethod
     def deliver(self, chunk: ProducedChunk, stats: ChunkStats) -> None:
@@ -139,8 +140,8 @@ class ChunkSink(ABC):
 class InlineDecodeSink(ChunkSink):
     """Decode as part of ``generate`` and write on this thread before ``finalize``."""
 
-    def produce(self, pipeline: Any, index: int, cache: Any) -> ProducedChunk:
-        video = pipeline.generate(index, cache)
+    def produce(self, pipeline: Any, index: int, cache: Any, control: Any = None) -> ProducedChunk:
+        video = pipeline.generate(index, cache, *_control_argument(control))
         return ProducedChunk(index=index, local_latent=pipeline.clean_latent(cache), video=video)
 
     def deliver(self, chunk: ProducedChunk, stats: ChunkStats) -> None:
@@ -156,6 +157,61 @@ class InlineDecodeSink(ChunkSink):
             self.on_written(chunk.index, 0)
         stats.num_frames = num_frames
         stats.write_s = time.perf_counter() - started
+
+
+class ReturningSink(ChunkSink):
+    """Hands every chunk back to the caller (its gathered latent and, with ``decode``, its
+    video), and writes the frames too when given a writer.
+
+    Interactive sessions step on this sink: :attr:`last` is the chunk the latest step
+    produced. Decoding runs on this thread after generation, as with the inline sink.
+    """
+
+    def __init__(
+        self, writer: FrameWriter | None = None, *, decode: bool = True, check_finite: bool = True
+    ) -> None:
+        super().__init__(writer, check_finite=check_finite)
+        self.decode = decode
+        self.last: ProducedChunk | None = None
+        """The latest chunk (gathered latent; video when decoded), on the output rank."""
+        self.delivered_at: float | None = None
+        """``time.perf_counter()`` when the latest chunk was decoded and written."""
+        self._pipeline: Any = None
+        self._cache: Any = None
+
+    def produce(self, pipeline: Any, index: int, cache: Any, control: Any = None) -> ProducedChunk:
+        self._pipeline, self._cache = pipeline, cache
+        latent = pipeline.generate_latent(index, cache, *_control_argument(control))
+        return ProducedChunk(
+            index=index,
+            local_latent=pipeline.clean_latent(cache),
+            latent=latent,
+            latent_gathered=True,
+        )
+
+    def deliver(self, chunk: ProducedChunk, stats: ChunkStats) -> None:
+        started = time.perf_counter()
+        if self.decode and chunk.latent is not None:
+            chunk.video = self._pipeline.decode_latent(chunk.latent, chunk.index, self._cache)
+            if self.check_finite:
+                check_finite(chunk.video, chunk.index)
+        decoded = time.perf_counter()
+        stats.decode_s = decoded - started
+        num_frames = 0
+        if self.writer is not None and chunk.video is not None:
+            with self.critical():
+                num_frames = self._write(chunk.video)
+        stats.num_frames = num_frames
+        stats.write_s = time.perf_counter() - decoded
+        self.last = chunk
+        self.delivered_at = time.perf_counter()
+        self.on_written(chunk.index, num_frames)
+
+
+def _control_argument(control: Any) -> tuple[Any, ...]:
+    """The optional ``input`` argument of ``generate`` / ``generate_latent``: given only when
+    there is a control, so pipelines without per-chunk inputs keep their two-argument form."""
+    return () if control is None else (control,)
 
 
 class BackgroundDecodeSink(ChunkSink):
@@ -182,9 +238,9 @@ class BackgroundDecodeSink(ChunkSink):
         self._pipeline: Any = None
         self._cache: Any = None
 
-    def produce(self, pipeline: Any, index: int, cache: Any) -> ProducedChunk:
+    def produce(self, pipeline: Any, index: int, cache: Any, control: Any = None) -> ProducedChunk:
         self._pipeline, self._cache = pipeline, cache
-        latent = pipeline.generate_latent(index, cache)
+        latent = pipeline.generate_latent(index, cache, *_control_argument(control))
         return ProducedChunk(
             index=index,
             local_latent=pipeline.clean_latent(cache),

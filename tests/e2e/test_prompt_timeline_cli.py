@@ -12,6 +12,7 @@ from e2e_helpers import run_cli, run_dirs
 from safetensors.torch import load_file
 
 from flashdreams.launch.run_config import load_run_config
+from flashdreams.runner.video import Mp4Writer, read_mp4
 from flashdreams.session import Session, parse_prompt_timeline
 
 TIMELINE = [{"chunk": 0, "prompt": "a red ball"}, {"chunk": 2, "prompt": "a blue cube"}]
@@ -58,7 +59,8 @@ def by_hand(config, recache: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def by_session(config) -> torch.Tensor:
+def by_session(config, video_path) -> torch.Tensor:
+    """The session's latents; its frames are saved to ``video_path`` on the way."""
     torch.manual_seed(config.runner.seed)
     pipeline = config.pipeline.setup().eval()
     ratio = pipeline.decoder.spatial_compression_ratio
@@ -68,8 +70,10 @@ def by_session(config) -> torch.Tensor:
         height=config.runner.height // ratio,
         width=config.runner.width // ratio,
         timeline=parse_prompt_timeline(TIMELINE, num_chunks=config.runner.num_chunks),
+        writer=Mp4Writer(video_path, fps=config.runner.fps),
     )
     latents = [session.step().latent for _ in range(config.runner.num_chunks)]
+    session.close()
     return torch.cat(latents, dim=-4)
 
 
@@ -86,8 +90,11 @@ def test_timeline_run_equals_the_pipeline_switched_by_hand(tmp_path):
         text_only[..., :switch_frame, :, :, :], recached[..., :switch_frame, :, :, :]
     )
     assert (text_only - recached).abs().max().item() > 1e-3
-    # A session with the same timeline produces the offline run's latents.
-    assert (saved - by_session(config)).abs().max().item() <= 1e-6
+    # A session with the same timeline produces the offline run's latents and video.
+    assert (saved - by_session(config, tmp_path / "session.mp4")).abs().max().item() <= 1e-6
+    session_frames, _ = read_mp4(tmp_path / "session.mp4")
+    run_frames, _ = read_mp4(run_dir / "video.mp4")
+    assert session_frames.shape == run_frames.shape and (session_frames == run_frames).all()
     stats = json.loads((run_dir / "stats.json").read_text())
     assert stats["rollouts"][0]["prompt_switches"] == [
         {"chunk": 2, "prompt": "a blue cube", "mode": "recache"}
