@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from loguru import logger
 
 from flashdreams.core.checkpoint import (
@@ -28,6 +29,7 @@ from flashdreams.core.checkpoint import (
     load_state_dict_into_module,
     resolve_local_checkpoint,
 )
+from flashdreams.core.distributed.row_slabs import RowSlabs
 from flashdreams.infra.decoder import DecoderConfig, StreamingDecoderCache, StreamingVideoDecoder
 
 AVAILABLE_TAEHV_CHECKPOINT_PATHS: dict[str, str] = {
@@ -115,6 +117,14 @@ def _conv3x3(num_in: int, num_out: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(num_in, num_out, kernel_size=3, padding=1, bias=bias)
 
 
+def _apply_layer(layer: nn.Module, x: torch.Tensor, rows: RowSlabs | None) -> torch.Tensor:
+    """``layer(x)``; with ``rows`` (``x`` is a row slab) a conv takes its height padding from the neighbours."""
+    if rows is not None and isinstance(layer, nn.Conv2d) and layer.padding[0]:
+        x = rows.pad_rows(x, layer.padding[0])
+        return F.conv2d(x, layer.weight, layer.bias, layer.stride, (0, layer.padding[1]))
+    return layer(x)
+
+
 class MemBlock(nn.Module):
     """Residual block that also looks at its own input one frame earlier."""
 
@@ -134,9 +144,14 @@ class MemBlock(nn.Module):
         )
         self.act = nn.ReLU()
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, past: torch.Tensor, rows: RowSlabs | None = None
+    ) -> torch.Tensor:
         """``x``, ``past``: [N*T, C, H, W] (``past`` = the same input one frame earlier)."""
-        return self.act(self.conv(torch.cat([x, past], dim=1)) + self.skip(x))
+        out = torch.cat([x, past], dim=1)
+        for layer in self.conv:
+            out = _apply_layer(layer, out, rows)
+        return self.act(out + self.skip(x))
 
 
 class TGrow(nn.Module):
@@ -193,7 +208,10 @@ class TAEHVDecoderNetwork(nn.Module):
         return sum(isinstance(layer, MemBlock) for layer in self.blocks)
 
     def forward(
-        self, x: torch.Tensor, memory: list[torch.Tensor | None]
+        self,
+        x: torch.Tensor,
+        memory: list[torch.Tensor | None],
+        rows: RowSlabs | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Decode a chunk of latent frames.
 
@@ -201,6 +219,7 @@ class TAEHVDecoderNetwork(nn.Module):
             x: latent chunk [N, T, C, H, W].
             memory: per-``MemBlock`` input at the frame before this chunk
                 ([N, C, H, W]), or ``None`` when nothing was decoded before.
+            rows: set when ``x`` is one row slab of each frame (parallel decode).
 
         Returns:
             ``(frames [N, T', 3, H', W'], new_memory)`` where ``new_memory``
@@ -220,9 +239,9 @@ class TAEHVDecoderNetwork(nn.Module):
                 past = torch.cat([previous.unsqueeze(1), x[:, :-1]], dim=1)
                 new_memory.append(x[:, -1])
                 memblock_index += 1
-                out = layer(x.flatten(0, 1), past.flatten(0, 1))
+                out = layer(x.flatten(0, 1), past.flatten(0, 1), rows)
             else:
-                out = layer(x.flatten(0, 1))
+                out = _apply_layer(layer, x.flatten(0, 1), rows)
             x = out.reshape(num_batch, -1, *out.shape[1:])
             assert x.shape[1] % num_frames == 0
         return x, new_memory
@@ -237,6 +256,9 @@ class TAEHVCache(StreamingDecoderCache):
 
     num_decoded_latent_frames: int = 0
     """Latent frames decoded so far; the start-of-video trim happens only while this is 0."""
+
+    rows: RowSlabs | None = None
+    """Set when this cache decodes one row slab of each frame (parallel decode)."""
 
 
 @dataclass(kw_only=True)
@@ -384,8 +406,11 @@ class TeahvVAEDecoder(StreamingVideoDecoder[TAEHVCache]):
             )
         return padded // self._time_upscale
 
-    def initialize_autoregressive_cache(self, **context: Any) -> TAEHVCache:
-        return TAEHVCache(memory=[None] * self.decoder.num_memblocks)
+    def initialize_autoregressive_cache(
+        self, rows: RowSlabs | None = None, **context: Any
+    ) -> TAEHVCache:
+        """A fresh cache; with ``rows`` it decodes that row slab of each frame (parallel decode)."""
+        return TAEHVCache(memory=[None] * self.decoder.num_memblocks, rows=rows)
 
     def _network(self, device: torch.device) -> Callable[..., Any]:
         """The network to call: compiled on CUDA when asked, eager otherwise."""
@@ -430,8 +455,9 @@ class TeahvVAEDecoder(StreamingVideoDecoder[TAEHVCache]):
             std = self._latent_std.to(latent.device).view(-1, 1, 1)
             latent = latent.float() * std + mean
         latent = latent.to(self.config.dtype)
-        network = self._network(latent.device)
-        frames, memory = network(latent, cache.memory)
+        # A row slab talks to its neighbours inside the network: run it eagerly.
+        network = self.decoder if cache.rows is not None else self._network(latent.device)
+        frames, memory = network(latent, cache.memory, cache.rows)
         if network is not self.decoder:
             # CUDA-graph outputs live in pooled buffers that the next replay overwrites.
             frames, memory = frames.clone(), [m.clone() for m in memory]

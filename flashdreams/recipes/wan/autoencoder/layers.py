@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flashdreams.core.distributed.row_slabs import RowSlabs
+
 NUM_CACHED_FRAMES = 2
 """Frames a causal 3x3x3 conv needs from the previous chunk."""
 
@@ -71,11 +73,21 @@ def convolution(
     return conv(x, weight, bias, stride, padding)
 
 
+def _without_row_padding(padding: tuple[int, ...]) -> tuple[int, ...]:
+    """``padding`` with the height entry (second to last) set to 0."""
+    return (*padding[:-2], 0, padding[-1])
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (zero padding, one group) that goes through :func:`convolution`."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return convolution(x, self.weight, self.bias, self.stride, self.padding)  # type: ignore[arg-type]
+    def forward(self, x: torch.Tensor, rows: RowSlabs | None = None) -> torch.Tensor:
+        """With ``rows``, ``x`` is a row slab: its height padding comes from the neighbours."""
+        padding = tuple(self.padding)
+        if rows is not None:
+            x = rows.pad_rows(x, padding[-2])
+            padding = _without_row_padding(padding)
+        return convolution(x, self.weight, self.bias, self.stride, padding)  # type: ignore[arg-type]
 
 
 class CausalConv3d(nn.Conv3d):
@@ -93,7 +105,15 @@ class CausalConv3d(nn.Conv3d):
         self._spatial_padding = (0, pad_h, pad_w)
         self.padding = (0, 0, 0)
 
-    def forward(self, x: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def num_halo_rows(self) -> int:
+        """Rows a row slab needs from each neighbour (the height padding)."""
+        return self._spatial_padding[1]
+
+    def forward(
+        self, x: torch.Tensor, cached: torch.Tensor | None = None, rows_padded: bool = False
+    ) -> torch.Tensor:
+        """``rows_padded``: ``x`` and ``cached`` already carry their halo rows (no height padding)."""
         num_past = self._num_past_frames
         if num_past:
             b, c, t, h, w = x.shape
@@ -109,7 +129,10 @@ class CausalConv3d(nn.Conv3d):
                 padded[:, :, num_past - num_cached : num_past].copy_(cached[:, :, -num_cached:])
             padded[:, :, num_past:].copy_(x)
             x = padded
-        return convolution(x, self.weight, self.bias, self.stride, self._spatial_padding)  # type: ignore[arg-type]
+        padding = (
+            _without_row_padding(self._spatial_padding) if rows_padded else self._spatial_padding
+        )
+        return convolution(x, self.weight, self.bias, self.stride, padding)  # type: ignore[arg-type]
 
 
 class RMSNorm(nn.Module):
@@ -144,9 +167,11 @@ class FeatureCache:
     FIRST_CHUNK_SEEN = "first-chunk-seen"
     """Marker of a temporal upsampler that has seen the first chunk (which it does not double)."""
 
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, rows: RowSlabs | None = None) -> None:
         self.slots: list[Any] = [None] * num_slots
         self.cursor = 0
+        self.rows = rows
+        """Set when this cache belongs to one row slab of each frame (parallel decode)."""
 
     def next_slot(self) -> int:
         index = self.cursor
@@ -166,8 +191,12 @@ def cached_conv(conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache) -> tor
     """Run ``conv`` with the frames cached from the previous chunk, then cache this chunk's tail."""
     slot = cache.next_slot()
     previous = cache.slots[slot]
+    rows_padded = cache.rows is not None and conv.num_halo_rows > 0
+    if rows_padded:
+        # The cached tail keeps its halo rows, so later chunks exchange only their own frames.
+        x = cache.rows.pad_rows(x, conv.num_halo_rows)
     tail = _cache_tail(x, previous)
-    out = conv(x, previous)
+    out = conv(x, previous, rows_padded=rows_padded)
     cache.slots[slot] = tail
     return out
 
@@ -246,7 +275,13 @@ class Resample(nn.Module):
         if self.mode == "upsample3d":
             x = self._upsample_time(x, cache)
         b, _, t, _, _ = x.shape
-        frames = self.resample(x.transpose(1, 2).flatten(0, 1))  # [(b t), c, h, w]
+        frames = x.transpose(1, 2).flatten(0, 1)  # [(b t), c, h, w]
+        if self.mode.startswith("upsample"):
+            upsample, conv = self.resample
+            frames = conv(upsample(frames), cache.rows)
+        else:
+            assert cache.rows is None, "row slabs are for decoding only"
+            frames = self.resample(frames)
         x = frames.unflatten(0, (b, t)).transpose(1, 2)
         if self.mode == "downsample3d":
             x = self._downsample_time(x, cache)
@@ -290,8 +325,14 @@ class AttentionBlock(nn.Module):
         b, c, t, h, w = x.shape
         frames = self.norm(x.transpose(1, 2).flatten(0, 1))  # [(b t), c, h, w]
         # [(b t), 3c, h, w] -> [(b t), 1, h*w, 3c] -> q, k, v of [(b t), 1, h*w, c]
-        qkv = self.to_qkv(frames).reshape(b * t, 1, c * 3, h * w).transpose(-1, -2)
-        q, k, v = (part.contiguous() for part in qkv.chunk(3, dim=-1))
+        qkv = self.to_qkv(frames)  # [(b t), 3c, h, w]
+        q, kv = qkv[:, :c], qkv[:, c:]
+        if cache is not None and cache.rows is not None:
+            kv = cache.rows.all_gather_rows(kv)  # a row slab's queries see the whole frame
+        # [(b t), c, h, w] -> [(b t), 1, h*w, c]; keys and values over all rows of the frame
+        q = q.reshape(b * t, 1, c, h * w).transpose(-1, -2).contiguous()
+        kv = kv.reshape(b * t, 1, 2 * c, -1).transpose(-1, -2)
+        k, v = (part.contiguous() for part in kv.chunk(2, dim=-1))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w)
         out = self.proj(out).unflatten(0, (b, t)).transpose(1, 2)

@@ -44,6 +44,7 @@ from flashdreams.recipes.wan.autoencoder.layers import (
     Decoder3d,
     Encoder3d,
     FeatureCache,
+    RowSlabs,
     count_causal_convs,
 )
 
@@ -339,7 +340,8 @@ class _WanVAEMixin:
         self, module: nn.Module, x: torch.Tensor, cache: FeatureCache, **kwargs: Any
     ) -> torch.Tensor:
         cache.cursor = 0
-        network = self._network(module, x.device)
+        # A row slab talks to its neighbours inside the network: run it eagerly.
+        network = module if cache.rows is not None else self._network(module, x.device)
         if x.device.type == "cpu":
             # oneDNN's convolutions are fastest on channels-last activations, and the
             # channel RMSNorm then reduces over the innermost dim (bench/RESULTS.md).
@@ -591,8 +593,11 @@ class WanVAEDecoder(_WanVAEMixin, StreamingVideoDecoder[WanVAECache]):
             )
         self._init_common()
 
-    def initialize_autoregressive_cache(self, **context: Any) -> WanVAECache:
-        return WanVAECache(feature_cache=FeatureCache(count_causal_convs(self.decoder)))
+    def initialize_autoregressive_cache(
+        self, rows: RowSlabs | None = None, **context: Any
+    ) -> WanVAECache:
+        """A fresh cache; with ``rows`` it decodes that row slab of each frame (parallel decode)."""
+        return WanVAECache(feature_cache=FeatureCache(count_causal_convs(self.decoder), rows))
 
     def get_output_temporal_size(self, autoregressive_index: int, input_temporal_size: int) -> int:
         """AR 0: ``1 + 4 (Tl - 1)`` pixel frames (the first latent gives one); AR >= 1: ``4 Tl``."""
