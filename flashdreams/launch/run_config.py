@@ -42,6 +42,13 @@ class ParallelConfig(PrintableConfig):
     and ``r + world_size / 2`` exchange their predictions (one all-gather). Needs CFG
     (``guidance_scale > 1``) and an even world size."""
 
+    decode: Literal["rank0", "parallel"] = "rank0"
+    """Which ranks decode each chunk. ``rank0``: the rank holding the gathered latent
+    decodes the whole frame while the others wait. ``parallel``: every rank decodes one
+    row slab of each frame (exact, the same video as ``rank0``; decoder memory per rank
+    scales with its slab) and rank 0 assembles the pixels. Needs a decoder that decodes
+    row slabs (the Wan 2.1 / 2.2 VAE, TAEHV); not combined with ``runner.overlap_decode``."""
+
     def build_plan(self) -> ParallelPlan:
         """The :class:`ParallelPlan` of this process (collective: every rank calls it)."""
         from flashdreams.core.distributed.plan import build_parallel_plan
@@ -50,6 +57,7 @@ class ParallelConfig(PrintableConfig):
             ulysses_degree=self.ulysses_degree,
             ring_degree=self.ring_degree,
             cfg_parallel=self.cfg_parallel,
+            decode=self.decode,
         )
 
 

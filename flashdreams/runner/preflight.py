@@ -54,6 +54,10 @@ def validate_before_work(
 
     runner, pipeline = run_config.runner, run_config.pipeline
     validate_runner_config(runner)
+    if run_config.parallel.decode == "parallel" and runner.overlap_decode:
+        from flashdreams.runner.decode_plans import PARALLEL_DECODE_WITH_OVERLAP
+
+        raise ValueError(PARALLEL_DECODE_WITH_OVERLAP)
     check_first_frame(pipeline, runner)
     geometry = pipeline_geometry(pipeline)
     if geometry is not None:

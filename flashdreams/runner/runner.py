@@ -691,8 +691,9 @@ class Runner:
 
     # ---- one rollout -------------------------------------------------------------------------
 
-    def _make_sink(self, writer: Any) -> ChunkSink:
-        """The inline sink, or the background one with ``runner.overlap_decode``; rank 0 writes."""
+    def _make_sink(self, pipeline: RunnerPipeline, writer: Any) -> ChunkSink:
+        """The inline sink; the background one with ``runner.overlap_decode``; the
+        row-parallel one with ``parallel.decode=parallel`` on several ranks. Rank 0 writes."""
         from flashdreams.runner.quality import flag_frames
         from flashdreams.session import BackgroundDecodeSink, InlineDecodeSink
 
@@ -700,8 +701,19 @@ class Runner:
             check_finite=self.config.check_finite,
             frame_check=functools.partial(flag_frames, stop=self.config.quality_check),
         )
+        plan = self.context.parallel
+        decode_in_parallel = plan is not None and plan.decode == "parallel"
+        if decode_in_parallel and self.config.overlap_decode:
+            from flashdreams.runner.decode_plans import PARALLEL_DECODE_WITH_OVERLAP
+
+            raise ValueError(PARALLEL_DECODE_WITH_OVERLAP)
         if self.config.overlap_decode:
             return BackgroundDecodeSink(writer, device=self.context.device, **checks)
+        if decode_in_parallel and self.context.world_size > 1:
+            from flashdreams.runner.decode_plans import RowParallelDecodeSink
+
+            decoder = getattr(pipeline, "decoder", None)
+            return RowParallelDecodeSink(writer, decoder, **checks)
         return InlineDecodeSink(writer, **checks)
 
     def _rollout(
@@ -719,7 +731,7 @@ class Runner:
             from flashdreams.runner.video import Mp4Writer
 
             writer = Mp4Writer(self.context.run_dir / name, fps=config.fps)
-        sink = self._make_sink(writer)
+        sink = self._make_sink(pipeline, writer)
         rollout = RolloutStats(prompt=prompt, video=name)
         self.rollouts.append(rollout)
         reporter = _ChunkReporter(config.num_chunks, prompt, enabled=self.is_writer)

@@ -16,7 +16,7 @@ without a process group), the reference behaviour.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from flashdreams.core.distributed.mesh import (
@@ -28,6 +28,8 @@ from flashdreams.core.distributed.mesh import (
 from flashdreams.core.distributed.parallel_dims import ParallelDims
 
 CPMethod = Literal["ring", "ulysses"]
+DecodePlan = Literal["rank0", "parallel"]
+DECODE_PLANS: tuple[str, ...] = ("rank0", "parallel")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class ParallelPlan:
     degrees_given: bool = True
     """False when the user set neither CP degree: the network's ``cp_method`` then picks
     ring or Ulysses over the CP group (no new groups are needed for either)."""
+    decode: DecodePlan = "rank0"
+    """Which ranks turn each chunk's latent into pixels: ``rank0`` (the rank holding the
+    gathered latent decodes whole frames) or ``parallel`` (every rank decodes one row
+    slab of each frame, exactly; rank 0 assembles them)."""
 
     @classmethod
     def from_mesh(cls, mesh: ContextParallelMesh | None) -> ParallelPlan:
@@ -102,6 +108,7 @@ class ParallelPlan:
             layout["ulysses_size"] = self.cp_mesh.ulysses_degree
             layout["ring_size"] = self.cp_mesh.ring_degree
         layout["cfg_parallel"] = self.cfg is not None
+        layout["decode"] = self.decode
         return layout
 
     def _cfg_prefix(self) -> str:
@@ -131,6 +138,7 @@ def build_parallel_plan(
     ulysses_degree: int | None = None,
     ring_degree: int | None = None,
     cfg_parallel: bool = False,
+    decode: DecodePlan = "rank0",
 ) -> ParallelPlan:
     """Validate the degrees against the world and create the process groups, once.
 
@@ -139,11 +147,23 @@ def build_parallel_plan(
             half of it with ``cfg_parallel``); both ``None`` lets the network's
             ``cp_method`` choose pure ring or pure Ulysses.
         cfg_parallel: one CFG branch per half of the ranks.
+        decode: the decode plan (:attr:`ParallelPlan.decode`).
 
     Collective: every rank calls it, in the same order. Without an initialised
     process group (or with one rank) the plan is "no parallelism", except that
     ``cfg_parallel`` then fails: it needs an even number of ranks.
     """
+    if decode not in DECODE_PLANS:
+        raise ValueError(
+            f"parallel.decode must be one of {', '.join(DECODE_PLANS)}; got {decode!r}"
+        )
+    plan = _build_groups(ulysses_degree, ring_degree, cfg_parallel)
+    return replace(plan, decode=decode)
+
+
+def _build_groups(
+    ulysses_degree: int | None, ring_degree: int | None, cfg_parallel: bool
+) -> ParallelPlan:
     world_size, rank = _world()
     degrees = ParallelDegrees(ulysses_degree, ring_degree)
     degrees_given = ulysses_degree is not None or ring_degree is not None

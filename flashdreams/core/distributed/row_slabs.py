@@ -28,6 +28,18 @@ import torch.distributed as dist
 from flashdreams.core.distributed.comm_stats import CommStats
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The channels-last format ``x`` is in, else the default layout."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if (
+        channels_last is not None
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=channels_last)
+    ):
+        return channels_last
+    return torch.contiguous_format
+
+
 def split_rows(num_rows: int, num_slabs: int) -> list[int]:
     """Rows per slab, as even as possible, the first slabs one row taller when it does not divide."""
     if num_slabs < 1:
@@ -149,8 +161,8 @@ class RowSlabGroup:
                 f"rank holds {x.shape[-2]} (use fewer ranks or a taller frame)"
             )
         halo_shape = (*x.shape[:-2], num_rows, x.shape[-1])
-        above = torch.zeros(halo_shape, dtype=x.dtype, device=x.device)
-        below = torch.zeros(halo_shape, dtype=x.dtype, device=x.device)
+        above = x.new_zeros(halo_shape)
+        below = x.new_zeros(halo_shape)
         sends: list[torch.Tensor] = []
         requests = []
         if self.rank > 0:
@@ -176,7 +188,17 @@ class RowSlabGroup:
                     bytes_sent=sum(t.numel() * t.element_size() for t in sends),
                 )
             )
-        return torch.cat([above, x, below], dim=-2)
+        # Written into a tensor of x's memory layout (channels-last stays channels-last).
+        padded = torch.empty(
+            (*x.shape[:-2], num_rows + x.shape[-2] + num_rows, x.shape[-1]),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=_memory_format(x),
+        )
+        padded[..., :num_rows, :] = above
+        padded[..., num_rows:-num_rows, :] = x
+        padded[..., -num_rows:, :] = below
+        return padded
 
     def _padded_slab(self, x: torch.Tensor, max_rows: int) -> torch.Tensor:
         """``x`` contiguous, zero-filled at the bottom to ``max_rows`` rows (gloo gathers equal sizes)."""

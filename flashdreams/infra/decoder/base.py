@@ -47,6 +47,10 @@ class StreamingVideoDecoder(StreamingDecoder[StreamingDecoderCacheT]):
     padding), later steps ``temporal_compression_ratio`` frames per latent.
     """
 
+    supports_row_slabs: bool = False
+    """Whether ``initialize_autoregressive_cache(rows=...)`` makes the decoder decode one row
+    slab of each frame exactly (parallel decode, :mod:`flashdreams.infra.decoder.row_parallel`)."""
+
     @property
     @abstractmethod
     def spatial_compression_ratio(self) -> int:

@@ -48,6 +48,11 @@ class RowParallelDecoder:
         comm_stats: CommStats | None = None,
         halo_log: list[HaloRecord] | None = None,
     ) -> None:
+        if not decoder.supports_row_slabs:
+            raise ValueError(
+                f"parallel decode needs a decoder that decodes row slabs (the Wan 2.1 / 2.2 VAE, "
+                f"TAEHV); {type(decoder).__name__} does not"
+            )
         self.decoder = decoder
         self.group = group
         self.dst = dst

@@ -327,6 +327,8 @@ class TeahvVAEDecoder(StreamingVideoDecoder[TAEHVCache]):
     the start of a video and ``4 * Tl`` frames afterwards.
     """
 
+    supports_row_slabs = True
+
     def __init__(self, config: TeahvVAEDecoderConfig) -> None:
         super().__init__(config)
         self.config: TeahvVAEDecoderConfig = config

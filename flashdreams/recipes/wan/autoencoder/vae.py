@@ -566,6 +566,7 @@ class WanVAEDecoder(_WanVAEMixin, StreamingVideoDecoder[WanVAECache]):
 
     _owned_prefixes = ("decoder.", "conv2.")
     _kind = "decoder"
+    supports_row_slabs = True
 
     def __init__(self, config: WanVAEDecoderConfig) -> None:
         super().__init__(config)
