@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import statistics
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_cp import spawn  # noqa: E402  (gloo ranks, 1 thread each; rank 0's result)
 from common import add_common_arguments, command_line, record  # noqa: E402
 
 HEIGHT, WIDTH = 480, 832
@@ -134,37 +133,6 @@ def decode_worker(rank: int, world_size: int, kind: str, base_dim: int, num_chun
         "conv_shapes": convs_per_chunk[-1],
         "bytes": dict(comm_stats.bytes_sent),
     }
-
-
-def _worker(rank, world_size, port, fn, args, queue):
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=600),
-    )
-    result = fn(rank, world_size, *args)
-    if rank == 0:
-        queue.put(result)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # skip gloo's teardown (see tests/distributed/_spawn.py)
-
-
-def spawn(fn, world_size, *args):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    queue = mp.get_context("spawn").Queue()
-    mp.spawn(_worker, args=(world_size, port, fn, args, queue), nprocs=world_size)
-    return queue.get()
 
 
 def analytic_halo_bytes(shape: tuple[int, ...], num_rows: int, num_neighbours: int) -> int:
