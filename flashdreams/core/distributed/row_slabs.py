@@ -164,20 +164,18 @@ class RowSlabGroup:
         above = x.new_zeros(halo_shape)
         below = x.new_zeros(halo_shape)
         sends: list[torch.Tensor] = []
-        requests = []
-        if self.rank > 0:
-            neighbour = self._global_ranks[self.rank - 1]
-            top = x[..., :num_rows, :].contiguous()
-            sends.append(top)
-            requests.append(dist.isend(top, neighbour, group=self.group))
-            requests.append(dist.irecv(above, neighbour, group=self.group))
-        if self.rank < self.world_size - 1:
-            neighbour = self._global_ranks[self.rank + 1]
-            bottom = x[..., -num_rows:, :].contiguous()
-            sends.append(bottom)
-            requests.append(dist.isend(bottom, neighbour, group=self.group))
-            requests.append(dist.irecv(below, neighbour, group=self.group))
-        for request in requests:
+        operations: list[dist.P2POp] = []
+        for neighbour, edge, received in (
+            (self.rank - 1, x[..., :num_rows, :], above),
+            (self.rank + 1, x[..., -num_rows:, :], below),
+        ):
+            if 0 <= neighbour < self.world_size:
+                peer = self._global_ranks[neighbour]
+                sends.append(edge.contiguous())
+                operations.append(dist.P2POp(dist.isend, sends[-1], peer, self.group))
+                operations.append(dist.P2POp(dist.irecv, received, peer, self.group))
+        # One batch: NCCL needs the sends and receives of both neighbours grouped.
+        for request in dist.batch_isend_irecv(operations) if operations else []:
             request.wait()
         self._count("halo", *sends)
         if self.halo_log is not None:
