@@ -6,10 +6,10 @@ every layer of the decoder scales all slabs by the same factor (upsampling
 doubles each slab), so a slab's height at any layer is its latent height times
 the layer's scale, and the row counts never need to be sent.
 
-- :meth:`RowSlabGroup.pad_rows` gives a slab the ``num_rows`` boundary rows of
-  its neighbours above and below (zeros at the frame's top and bottom edge),
-  so a convolution without height padding yields exactly the slab's rows of the
-  whole-frame convolution.
+- :meth:`RowSlabGroup.exchange_rows` / :meth:`RowSlabGroup.pad_rows` give a slab the
+  ``num_rows`` boundary rows of its neighbours above and below (zeros at the frame's top
+  and bottom edge), so a convolution without height padding yields exactly the slab's
+  rows of the whole-frame convolution.
 - :meth:`RowSlabGroup.all_gather_rows` assembles the whole frame on every rank
   (layers that see the whole frame: attention keys and values).
 - :meth:`RowSlabGroup.gather_rows` assembles it on one rank only (the pixels).
@@ -57,6 +57,10 @@ class RowSlabs(Protocol):
     """What a decoder holding one row slab of each frame needs from the other slabs
     (:class:`RowSlabGroup` implements it); rows are dim -2."""
 
+    def exchange_rows(self, x: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``num_rows`` rows of the neighbouring slabs above and below (zeros at the edges)."""
+        ...
+
     def pad_rows(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
         """``x`` with ``num_rows`` rows of the neighbouring slabs above and below (zeros at the edges)."""
         ...
@@ -95,7 +99,7 @@ class RowSlabGroup:
     comm_stats: CommStats | None = None
     """Optional byte counter (``"halo"``, ``"gather_rows"``)."""
     halo_log: list[HaloRecord] | None = None
-    """Optional per-exchange log (one entry per :meth:`pad_rows` call)."""
+    """Optional per-exchange log (one entry per :meth:`exchange_rows` call)."""
     _global_ranks: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -147,14 +151,12 @@ class RowSlabGroup:
             for tensor in tensors:
                 self.comm_stats.add_tensor(name, tensor)
 
-    def pad_rows(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """``x`` with ``num_rows`` rows of the slab above on top and of the slab below underneath.
+    def exchange_rows(self, x: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``num_rows`` rows above this slab (the bottom of the slab above) and below it.
 
-        At the frame's top and bottom the added rows are zeros (a convolution's
-        zero padding). ``[..., h, w] -> [..., num_rows + h + num_rows, w]``.
+        Zeros at the frame's top and bottom edge (a convolution's zero padding);
+        each is ``[..., num_rows, w]``.
         """
-        if num_rows == 0:
-            return x
         if num_rows > x.shape[-2]:
             raise ValueError(
                 f"a halo of {num_rows} rows needs slabs of at least {num_rows} rows; this "
@@ -186,7 +188,17 @@ class RowSlabGroup:
                     bytes_sent=sum(t.numel() * t.element_size() for t in sends),
                 )
             )
-        # Written into a tensor of x's memory layout (channels-last stays channels-last).
+        return above, below
+
+    def pad_rows(self, x: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """``x`` with ``num_rows`` rows of the slab above on top and of the slab below underneath.
+
+        ``[..., h, w] -> [..., num_rows + h + num_rows, w]``, in ``x``'s memory layout
+        (channels-last stays channels-last); see :meth:`exchange_rows`.
+        """
+        if num_rows == 0:
+            return x
+        above, below = self.exchange_rows(x, num_rows)
         padded = torch.empty(
             (*x.shape[:-2], num_rows + x.shape[-2] + num_rows, x.shape[-1]),
             dtype=x.dtype,

@@ -110,29 +110,50 @@ class CausalConv3d(nn.Conv3d):
         """Rows a row slab needs from each neighbour (the height padding)."""
         return self._spatial_padding[1]
 
-    def forward(
-        self, x: torch.Tensor, cached: torch.Tensor | None = None, rows_padded: bool = False
+    def _time_padded(
+        self, x: torch.Tensor, cached: torch.Tensor | None, num_halo_rows: int = 0
     ) -> torch.Tensor:
-        """``rows_padded``: ``x`` and ``cached`` already carry their halo rows (no height padding)."""
+        """``[b, c, num_past + t, num_halo_rows + h + num_halo_rows, w]``: the cached frames (zeros
+        where there are none), then ``x``; the current frames' halo rows are left to the caller."""
         num_past = self._num_past_frames
-        if num_past:
-            b, c, t, h, w = x.shape
-            padded = torch.empty(
-                (b, c, num_past + t, h, w),
-                dtype=x.dtype,
-                device=x.device,
-                memory_format=_memory_format(x),
-            )
-            num_cached = 0 if cached is None else min(cached.shape[2], num_past)
-            padded[:, :, : num_past - num_cached].zero_()
-            if num_cached:
-                padded[:, :, num_past - num_cached : num_past].copy_(cached[:, :, -num_cached:])
-            padded[:, :, num_past:].copy_(x)
-            x = padded
-        padding = (
-            _without_row_padding(self._spatial_padding) if rows_padded else self._spatial_padding
+        b, c, t, h, w = x.shape
+        padded = torch.empty(
+            (b, c, num_past + t, h + 2 * num_halo_rows, w),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=_memory_format(x),
         )
-        return convolution(x, self.weight, self.bias, self.stride, padding)  # type: ignore[arg-type]
+        num_cached = 0 if cached is None else min(cached.shape[2], num_past)
+        padded[:, :, : num_past - num_cached].zero_()
+        if num_cached:
+            padded[:, :, num_past - num_cached : num_past].copy_(cached[:, :, -num_cached:])
+        padded[:, :, num_past:, num_halo_rows : num_halo_rows + h].copy_(x)
+        return padded
+
+    def forward(self, x: torch.Tensor, cached: torch.Tensor | None = None) -> torch.Tensor:
+        if self._num_past_frames:
+            x = self._time_padded(x, cached)
+        return convolution(x, self.weight, self.bias, self.stride, self._spatial_padding)  # type: ignore[arg-type]
+
+    def forward_slab(
+        self, x: torch.Tensor, cached: torch.Tensor | None, rows: RowSlabs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` of one row slab; ``cached`` holds the past frames with their halo rows.
+
+        The neighbours' boundary rows go straight into the time-padded input (no extra
+        copy of the slab). Returns the output and the input's last frames, halo rows
+        included: the cache of the next chunk.
+        """
+        num_rows = self.num_halo_rows
+        above, below = rows.exchange_rows(x, num_rows)
+        padded = self._time_padded(x, cached, num_rows)
+        num_past = self._num_past_frames
+        padded[:, :, num_past:, :num_rows].copy_(above)
+        padded[:, :, num_past:, -num_rows:].copy_(below)
+        out = convolution(
+            padded, self.weight, self.bias, self.stride, _without_row_padding(self._spatial_padding)
+        )  # type: ignore[arg-type]
+        return out, padded[:, :, -NUM_CACHED_FRAMES:].clone()
 
 
 class RMSNorm(nn.Module):
@@ -191,12 +212,12 @@ def cached_conv(conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache) -> tor
     """Run ``conv`` with the frames cached from the previous chunk, then cache this chunk's tail."""
     slot = cache.next_slot()
     previous = cache.slots[slot]
-    rows_padded = cache.rows is not None and conv.num_halo_rows > 0
-    if rows_padded:
-        # The cached tail keeps its halo rows, so later chunks exchange only their own frames.
-        x = cache.rows.pad_rows(x, conv.num_halo_rows)
+    if cache.rows is not None and conv.num_halo_rows > 0:
+        # The cached frames keep their halo rows: later chunks exchange only their own frames.
+        out, cache.slots[slot] = conv.forward_slab(x, previous, cache.rows)
+        return out
     tail = _cache_tail(x, previous)
-    out = conv(x, previous, rows_padded=rows_padded)
+    out = conv(x, previous)
     cache.slots[slot] = tail
     return out
 
