@@ -10,7 +10,9 @@ spawned gloo processes with one thread per rank.
   channels x frames x width x bytes per neighbour, from the input shapes the
   one-rank decode saw at the same convolution): a ratio of 1.0 per layer means no
   cached frame or extra row is ever re-sent;
-- peak decode memory per rank: peak RSS during the decode minus RSS just before it.
+- peak decode memory per rank: peak RSS during the decode minus RSS just before it
+  (allocations above 1 MiB mapped and unmapped one by one, ``MALLOC_MMAP_THRESHOLD_``, so
+  the RSS peak is the peak of live tensors in both runs).
 
 Size: 480x832 pixels (latent 60x104), the Wan 2.1 decoder layout at a reduced width
 (``--base-dim``, 16 by default; the real VAE's 96 takes minutes per chunk on one CPU
@@ -154,6 +156,9 @@ def main() -> None:
     if args.chunks < 2:
         raise ValueError("--chunks must be >= 2 (the first chunk is not timed)")
     n = args.world_size
+    # Every allocation above 1 MiB gets its own mapping, returned on free (glibc would
+    # otherwise keep freed slab-sized blocks in its heap and count them in the RSS peak).
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
     worker_args = (args.decoder, args.base_dim, args.chunks)
     single = spawn(decode_worker, 1, *worker_args)
     parallel = spawn(decode_worker, n, *worker_args)
