@@ -150,6 +150,7 @@ def run(container: dict[str, Any], job_number: int | None = None) -> dict[str, A
                 job.channel.start()
             plan = run_config.parallel.build_plan()  # validated once, groups created once
             run_dir = _agree_on_run_dir(run_config, context, job_number, job)
+            _log_random_weights(run_config)
             clock.mark("distributed")
             job.runner = run_config.runner.setup(
                 pipeline_config=run_config.pipeline,
@@ -260,6 +261,22 @@ def _handle_failure(error: BaseException, rank: int, job: _JobState) -> None:
     ):
         raise error
     raise RunFailed(report) from error
+
+
+def _log_random_weights(run_config: Any) -> None:
+    """Name the components that ``runner.allow_random_weights=true`` leaves random."""
+    from loguru import logger
+
+    from flashdreams.runner.preflight import check_checkpoints
+
+    if not run_config.runner.allow_random_weights:
+        return
+    random_keys = check_checkpoints(run_config.pipeline, allow_random_weights=True)
+    if random_keys:
+        logger.info(
+            "random weights (runner.allow_random_weights=true) for "
+            + ", ".join(key.removesuffix(".checkpoint_path") for key in random_keys)
+        )
 
 
 def _launch_world_size() -> int:

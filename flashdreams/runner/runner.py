@@ -378,15 +378,6 @@ class Runner:
         """
         from loguru import logger
 
-        if self.config.allow_random_weights:
-            from flashdreams.runner.preflight import check_checkpoints
-
-            random_keys = check_checkpoints(self.pipeline_config, allow_random_weights=True)
-            if random_keys:
-                logger.info(
-                    "random weights (runner.allow_random_weights=true) for "
-                    + ", ".join(key.removesuffix(".checkpoint_path") for key in random_keys)
-                )
         started = time.perf_counter()
         clock = self.context.startup or StartupClock.begin()
         prompts = self.prompts()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _parallel_decode_models import build_tiny_decoder, latent_channels
-from _spawn import run_on_ranks
 
 from flashdreams.core.distributed.row_slabs import split_rows
 from flashdreams.infra.decoder.row_parallel import RowParallelDecoder
+from flashdreams.testing import run_on_ranks
 
 KINDS = ("wan21", "wan22", "taehv")
 LATENT_HEIGHT = 7  # divides by none of 2, 3, 4

@@ -179,7 +179,12 @@ def test_torchrun_cfg_parallel_plan_matches_batched_cfg(tmp_path):
     two = load_file(str(tmp_path / "two" / "latents.safetensors"))["latents"]
     assert (one - two).abs().max().item() < 1e-4
     stats = json.loads((tmp_path / "two" / "stats.json").read_text())
-    assert stats["cp_layout"] == {"world_size": 2, "cp_size": 1, "cfg_parallel": True}
+    assert stats["cp_layout"] == {
+        "world_size": 2,
+        "cp_size": 1,
+        "cfg_parallel": True,
+        "decode": "rank0",
+    }
 
 
 def _plugin_installed() -> bool:

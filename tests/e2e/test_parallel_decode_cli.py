@@ -52,6 +52,7 @@ def test_torchrun_parallel_decode_writes_the_one_process_video(tmp_path):
     )
     stats = json.loads((tmp_path / "parallel" / "stats.json").read_text())
     assert stats["world_size"] == 2 and stats["status"] == "completed"
+    assert stats["cp_layout"]["decode"] == "parallel"
 
 
 def test_parallel_decode_with_overlap_is_refused(tmp_path):
