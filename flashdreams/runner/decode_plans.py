@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from flashdreams.session.sinks import (
+    FrameCheck,
     FrameWriter,
     InlineDecodeSink,
     ProducedChunk,
