@@ -25,6 +25,18 @@ if TYPE_CHECKING:
     from flashdreams.core.attention.context_parallel import ContextParallelSelfAttention
 
 
+def _modulation_init(num_vectors: int, dim: int) -> torch.Tensor:
+    """``[1, num_vectors, dim]`` AdaLN modulation, N(0, 1 / dim); left empty on the meta device.
+
+    Any computing op on the meta device (even ``randn``) makes torch import its Python
+    reference kernels (and sympy) on first use, ~1.5 s of a checkpoint load that fills
+    every parameter anyway.
+    """
+    if torch.get_default_device().type == "meta":  # in empty_init(): the checkpoint fills it
+        return torch.empty(1, num_vectors, dim)
+    return torch.randn(1, num_vectors, dim) / dim**0.5
+
+
 class WanLayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32, result cast back to the input dtype."""
 
@@ -231,7 +243,7 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)
         )
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = nn.Parameter(_modulation_init(6, dim))
 
     def forward(
         self,
@@ -284,7 +296,7 @@ class WanHead(nn.Module):
         super().__init__()
         self.norm = WanLayerNorm(dim, eps, elementwise_affine=False)
         self.head = nn.Linear(dim, out_features)
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.modulation = nn.Parameter(_modulation_init(2, dim))
 
     def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, L, C]``, ``time_embedding`` ``[B, Le, C]`` -> ``[B, L, out_features]``."""
