@@ -42,12 +42,17 @@ class ParallelConfig(PrintableConfig):
     and ``r + world_size / 2`` exchange their predictions (one all-gather). Needs CFG
     (``guidance_scale > 1``) and an even world size."""
 
-    decode: Literal["rank0", "parallel"] = "rank0"
+    decode: Literal["rank0", "parallel", "dedicated"] = "rank0"
     """Which ranks decode each chunk. ``rank0``: the rank holding the gathered latent
     decodes the whole frame while the others wait. ``parallel``: every rank decodes one
     row slab of each frame (exact, the same video as ``rank0``; decoder memory per rank
     scales with its slab) and rank 0 assembles the pixels. Needs a decoder that decodes
-    row slabs (the Wan 2.1 / 2.2 VAE, TAEHV); not combined with ``runner.overlap_decode``."""
+    row slabs (the Wan 2.1 / 2.2 VAE, TAEHV); not combined with ``runner.overlap_decode``.
+    ``dedicated`` (2 ranks or more): the last rank only decodes, chunk ``i`` while the
+    other ranks (context parallel among themselves) run the DiT on chunk ``i + 1``; rank 0
+    writes the frames it sends back. With ``cfg_parallel`` it needs an odd world size. Not
+    combined with ``runner.overlap_decode`` (it is that overlap, on its own rank) nor with
+    ``runner.quality_check``."""
 
     def build_plan(self) -> ParallelPlan:
         """The :class:`ParallelPlan` of this process (collective: every rank calls it)."""

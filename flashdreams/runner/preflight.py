@@ -47,17 +47,21 @@ class PipelineGeometry:
 
 
 def validate_before_work(
-    run_config: Any, *, checkpoints: bool = True, memory: bool = True, world_size: int = 1
+    run_config: Any,
+    *,
+    checkpoints: bool = True,
+    memory: bool = True,
+    world_size: int | None = None,
 ) -> None:
-    """Every check that needs no weights: runner values, sizes, inputs, checkpoints, memory."""
+    """Every check that needs no weights: runner values, sizes, inputs, checkpoints, memory.
+
+    ``world_size``: the job's number of ranks, ``None`` when not known here (a config
+    printed or a sweep checked before launch): the checks that need it are skipped."""
     from flashdreams.runner.runner import validate_runner_config
 
     runner, pipeline = run_config.runner, run_config.pipeline
     validate_runner_config(runner)
-    if run_config.parallel.decode == "parallel" and runner.overlap_decode:
-        from flashdreams.runner.decode_plans import PARALLEL_DECODE_WITH_OVERLAP
-
-        raise ValueError(PARALLEL_DECODE_WITH_OVERLAP)
+    check_decode_plan(run_config.parallel, runner, world_size)
     check_first_frame(pipeline, runner)
     geometry = pipeline_geometry(pipeline)
     if geometry is not None:
@@ -65,7 +69,27 @@ def validate_before_work(
     if checkpoints:
         check_checkpoints(pipeline, allow_random_weights=runner.allow_random_weights)
     if memory and geometry is not None:
-        check_memory(runner, geometry, world_size)
+        check_memory(runner, geometry, world_size or 1)
+
+
+def check_decode_plan(parallel: Any, runner: Any, world_size: int | None) -> None:
+    """``parallel.decode`` against the runner's settings and the number of ranks (when
+    known)."""
+    from flashdreams.core.distributed.plan import (
+        DEDICATED_DECODE_CFG_PARALLEL,
+        DEDICATED_DECODE_NEEDS_TWO_RANKS,
+    )
+    from flashdreams.runner.decode_plans import decode_plan_conflict
+
+    conflict = decode_plan_conflict(parallel.decode, runner)
+    if conflict is not None:
+        raise ValueError(conflict)
+    if parallel.decode != "dedicated" or world_size is None:
+        return
+    if world_size < 2:
+        raise ValueError(DEDICATED_DECODE_NEEDS_TWO_RANKS.format(world_size=world_size))
+    if parallel.cfg_parallel and world_size % 2 == 0:
+        raise ValueError(DEDICATED_DECODE_CFG_PARALLEL.format(world_size=world_size))
 
 
 # ---- inputs ---------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.config import InstantiateConfig
 from flashdreams.runner.safety import (
     OutputWriteError,
+    PeerRankFailed,
     RunInterrupted,
     StopGuard,
     atomic_write_text,
@@ -381,6 +382,9 @@ class Runner:
         started = time.perf_counter()
         clock = self.context.startup or StartupClock.begin()
         prompts = self.prompts()
+        plan = self.context.parallel
+        if plan is not None and plan.is_decode_rank:
+            return self._run_decode_rank(len(prompts))
         self._prepare_run_dir()
         quality_reference = (
             self._quality_reference(prompts[0]) if self.config.quality_check else None
@@ -649,12 +653,17 @@ class Runner:
         if guard is None:
             return
         signal_number = guard.stop_signal or 0
-        if self.context.world_size > 1:
+        plan = self.context.parallel
+        # parallel.decode=dedicated: the DiT ranks agree among themselves; the decode rank
+        # hears of the stop from rank 0 (DedicatedDecodeSink.close).
+        num_ranks = self.context.world_size if plan is None else plan.num_dit_ranks
+        if num_ranks > 1:
             import torch
             import torch.distributed as dist
 
+            group = None if plan is None else plan.dit_group
             flag = torch.tensor([signal_number], device=self.context.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
             signal_number = int(flag.item())
         if signal_number:
             if guard.received_at is not None:
@@ -684,7 +693,8 @@ class Runner:
 
     def _make_sink(self, pipeline: RunnerPipeline, writer: Any) -> ChunkSink:
         """The inline sink; the background one with ``runner.overlap_decode``; the
-        row-parallel one with ``parallel.decode=parallel`` on several ranks. Rank 0 writes."""
+        row-parallel one with ``parallel.decode=parallel`` on several ranks; the one that
+        hands chunks to the decode rank with ``parallel.decode=dedicated``. Rank 0 writes."""
         from flashdreams.runner.quality import flag_frames
         from flashdreams.session import BackgroundDecodeSink, InlineDecodeSink
 
@@ -693,11 +703,15 @@ class Runner:
             frame_check=functools.partial(flag_frames, stop=self.config.quality_check),
         )
         plan = self.context.parallel
-        decode_in_parallel = plan is not None and plan.decode == "parallel"
-        if decode_in_parallel and self.config.overlap_decode:
-            from flashdreams.runner.decode_plans import PARALLEL_DECODE_WITH_OVERLAP
+        decode_plan = "rank0" if plan is None else plan.decode
+        from flashdreams.runner.decode_plans import decode_plan_conflict
 
-            raise ValueError(PARALLEL_DECODE_WITH_OVERLAP)
+        conflict = decode_plan_conflict(decode_plan, self.config)
+        if conflict is not None:
+            raise ValueError(conflict)
+        if decode_plan == "dedicated":
+            return self._dedicated_decode_sink(writer, checks)
+        decode_in_parallel = decode_plan == "parallel"
         if self.config.overlap_decode:
             return BackgroundDecodeSink(writer, device=self.context.device, **checks)
         if decode_in_parallel and self.context.world_size > 1:
@@ -706,6 +720,78 @@ class Runner:
             decoder = getattr(pipeline, "decoder", None)
             return RowParallelDecodeSink(writer, decoder, **checks)
         return InlineDecodeSink(writer, **checks)
+
+    def _dedicated_decode_sink(self, writer: Any, checks: dict[str, Any]) -> ChunkSink:
+        """``parallel.decode=dedicated`` on a DiT rank; the output rank talks to the decode rank."""
+        from flashdreams.runner.decode_plans import DecodeLink, DedicatedDecodeSink
+
+        plan = self.context.parallel
+        assert plan is not None and plan.decode_rank is not None
+        guard = self.context.stop_guard
+        link = DecodeLink(plan.decode_rank, self.context.device) if plan.holds_output else None
+        return DedicatedDecodeSink(
+            writer,
+            link,
+            stop_signal=(lambda: None) if guard is None else (lambda: guard.stop_signal),
+            note_stop=(lambda signal_number: None) if guard is None else guard.note_stop,
+            **checks,
+        )
+
+    def build_decoder(self) -> Any:
+        """The pipeline's decoder alone, built as :meth:`build_pipeline` builds it (same seed,
+        the encoder built first: random weights equal the full pipeline's)."""
+        import torch
+
+        config = self.pipeline_config
+        torch.manual_seed(self.config.seed)
+        if config.encoder is not None:
+            config.encoder.setup()
+        decoder = config.decoder.setup() if config.decoder is not None else None
+        if decoder is None:
+            raise ValueError(
+                f"parallel.decode=dedicated needs a pipeline with a decoder; "
+                f"'{config.name}' has none"
+            )
+        return decoder.to(self.context.device).eval()
+
+    def _run_decode_rank(self, num_prompts: int) -> dict[str, Any]:
+        """The last rank under ``parallel.decode=dedicated``: decode every chunk rank 0 sends.
+
+        Takes part in no collective of the DiT ranks; each rollout ends with rank 0's
+        ``END`` (finished) or ``STOP`` (stopped early), then this rank stops the same way.
+        """
+        from loguru import logger
+
+        from flashdreams.runner.decode_plans import DecodeLink, decode_on_dedicated_rank
+        from flashdreams.runner.safety import FailureReport, PeerRankFailed
+
+        decoder = self.build_decoder()
+        logger.info(f"rank {self.context.rank}: dedicated decode rank")
+        link = DecodeLink(0, self.context.device)
+        guard = self.context.stop_guard
+        stop_signal = (lambda: None) if guard is None else (lambda: guard.stop_signal)
+        num_chunks = 0
+        for prompt_index in range(num_prompts):
+            self.progress.prompt_index = prompt_index
+            self.progress.stage = "decode"
+            with self._deferred_stop():
+                kind, signal_number, num_chunks = decode_on_dedicated_rank(
+                    decoder, link, stop_signal=stop_signal, fault_hook=self._decode_fault
+                )
+            if kind == DecodeLink.STOP:
+                where = f"after decoding {num_chunks} chunk(s) of prompt {prompt_index}"
+                if signal_number:
+                    raise RunInterrupted(signal_number, where)
+                raise PeerRankFailed(
+                    FailureReport(0, None, "rollout", f"the DiT ranks stopped {where}")
+                )
+        self.progress.stage = "done"
+        return {"status": "completed", "decode_rank": self.context.rank}
+
+    def _decode_fault(self, index: int, stage: str) -> None:
+        self.progress.autoregressive_index = index
+        if self._fault_hook is not None:
+            self._fault_hook(index, stage)
 
     def _rollout(
         self, pipeline: RunnerPipeline, prompt: str, name: str, latent_size: tuple[int, int]
@@ -755,8 +841,10 @@ class Runner:
                     )
                 session.step()
             session.finish()
-        except BaseException:
+        except BaseException as error:
             failed = True
+            if isinstance(error, PeerRankFailed):
+                sink.abandon()  # do not wait on ranks that may be gone
             raise
         finally:
             latents = None

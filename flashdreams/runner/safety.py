@@ -250,6 +250,13 @@ class StopGuard:
             return
         raise error
 
+    def note_stop(self, signal_number: int) -> None:
+        """Record a stop signal another rank received, as if it had arrived here during the
+        rollout (acted on at the next safe point)."""
+        if self.received_signal is None:
+            self.received_signal = signal_number
+            self.received_at = time.monotonic()
+
     def request_stop(self, error: BaseException) -> None:
         """From any thread: raise ``error`` in the main thread.
 

@@ -117,6 +117,10 @@ class ChunkSink(ABC):
         """Wait for background work; returns the seconds waited."""
         return 0.0
 
+    def abandon(self) -> None:  # noqa: B027 - a no-op unless the sink waits on other ranks
+        """The rollout failed because another rank did: :meth:`close` must not wait on
+        other ranks."""
+
     def close(self) -> None:
         """Drain and close the writer. Idempotent."""
         if self.writer is not None:
@@ -152,11 +156,13 @@ class InlineDecodeSink(ChunkSink):
         if self.writer is not None and chunk.video is not None:
             with self.critical():
                 num_frames = self._write(chunk.video)
+                stats.num_frames = num_frames
+                stats.write_s = time.perf_counter() - started
                 self.on_written(chunk.index, num_frames)
         else:
+            stats.num_frames = 0
+            stats.write_s = time.perf_counter() - started
             self.on_written(chunk.index, 0)
-        stats.num_frames = num_frames
-        stats.write_s = time.perf_counter() - started
 
 
 class ReturningSink(ChunkSink):

@@ -118,6 +118,20 @@ def build_cp_mesh(parallel_dims: ParallelDims, rank: int | None = None) -> Conte
     return mesh
 
 
+def build_leading_cp_mesh(parallel_dims: ParallelDims) -> ContextParallelMesh | None:
+    """The CP groups of the first ``parallel_dims.world_size`` ranks of a larger world.
+
+    Collective over the default group: the ranks after them (e.g. a dedicated decode
+    rank) call it too and get ``None``.
+    """
+    import torch.distributed as dist
+
+    world_size = _default_world_size(f"context parallel degree {parallel_dims.cp_degree}")
+    assert parallel_dims.world_size < world_size, (parallel_dims, world_size)
+    rank = dist.get_rank()
+    return _create_cp_groups(parallel_dims, first_rank=0, rank=rank, world_size=world_size)
+
+
 @dataclass(frozen=True)
 class CFGParallelMesh:
     """The two CFG branches on the two halves of the world (see the module docstring).
@@ -134,25 +148,29 @@ class CFGParallelMesh:
     """CP mesh of this rank's half; no groups when the half is one rank."""
 
 
-def build_cfg_parallel_mesh(half_parallel_dims: ParallelDims) -> CFGParallelMesh:
+def build_cfg_parallel_mesh(
+    half_parallel_dims: ParallelDims, *, num_ranks: int | None = None
+) -> CFGParallelMesh | None:
     """Create the CP groups of both halves and the partner pairs; collective.
 
     ``half_parallel_dims`` are the degrees of one half: its ``world_size`` must
-    be half the default group's. Every rank creates every group, in the same
-    order.
+    be half of ``num_ranks``, the leading ranks of the default group that run
+    the two branches (all of them by default; the ranks after them get ``None``).
+    Every rank creates every group, in the same order.
     """
     import torch.distributed as dist
 
     half_size = half_parallel_dims.world_size
     world_size = _default_world_size("CFG parallelism")
-    if world_size != 2 * half_size:
+    num_ranks = world_size if num_ranks is None else num_ranks
+    if num_ranks != 2 * half_size:
         raise ValueError(
             f"CFG parallelism needs a world of twice the CP degree of one branch: "
             f"{2 * half_size} ranks for ParallelDims of world size {half_size}, but the "
             f"process group has {world_size} ranks"
         )
     rank = dist.get_rank()
-    branch_index, half_rank = divmod(rank, half_size)
+    branch_index, half_rank = divmod(rank, half_size)  # branch 2 and up: not a CFG rank
     cp_mesh = None
     for branch in (0, 1):
         mesh = _create_cp_groups(
@@ -168,6 +186,8 @@ def build_cfg_parallel_mesh(half_parallel_dims: ParallelDims) -> CFGParallelMesh
         group = dist.group.WORLD if world_size == 2 else dist.new_group(ranks=ranks)
         if rank in ranks:
             pair_group = group
+    if rank >= num_ranks:
+        return None
     assert pair_group is not None
     return CFGParallelMesh(branch_index=branch_index, pair_group=pair_group, cp_mesh=cp_mesh)
 

@@ -24,12 +24,24 @@ from flashdreams.core.distributed.mesh import (
     ContextParallelMesh,
     build_cfg_parallel_mesh,
     build_cp_mesh,
+    build_leading_cp_mesh,
 )
 from flashdreams.core.distributed.parallel_dims import ParallelDims
 
 CPMethod = Literal["ring", "ulysses"]
-DecodePlan = Literal["rank0", "parallel"]
-DECODE_PLANS: tuple[str, ...] = ("rank0", "parallel")
+DecodePlan = Literal["rank0", "parallel", "dedicated"]
+DECODE_PLANS: tuple[str, ...] = ("rank0", "parallel", "dedicated")
+
+DEDICATED_DECODE_NEEDS_TWO_RANKS = (
+    "parallel.decode=dedicated needs at least 2 ranks (the last rank decodes while the "
+    "others run the DiT); this job has {world_size}. Use parallel.decode=rank0, or start "
+    "2 or more ranks (torchrun --nproc_per_node=2)"
+)
+DEDICATED_DECODE_CFG_PARALLEL = (
+    "parallel.decode=dedicated with parallel.cfg_parallel=true needs an odd world size: "
+    "an even number of DiT ranks (one half per CFG branch) plus the decode rank; got "
+    "world size {world_size}"
+)
 
 
 @dataclass(frozen=True)
@@ -54,8 +66,14 @@ class ParallelPlan:
     ring or Ulysses over the CP group (no new groups are needed for either)."""
     decode: DecodePlan = "rank0"
     """Which ranks turn each chunk's latent into pixels: ``rank0`` (the rank holding the
-    gathered latent decodes whole frames) or ``parallel`` (every rank decodes one row
-    slab of each frame, exactly; rank 0 assembles them)."""
+    gathered latent decodes whole frames), ``parallel`` (every rank decodes one row
+    slab of each frame, exactly; rank 0 assembles them) or ``dedicated`` (the last rank
+    only decodes, one chunk behind the DiT ranks)."""
+    decode_rank: int | None = None
+    """Global rank that only decodes (``dedicated``: the last one), else ``None``."""
+    dit_group: Any = None
+    """Process group of the ranks that run the DiT when they are not the whole world
+    (``dedicated`` with 3 or more ranks; their stop checks agree over it), else ``None``."""
 
     @classmethod
     def from_mesh(cls, mesh: ContextParallelMesh | None) -> ParallelPlan:
@@ -77,9 +95,21 @@ class ParallelPlan:
     @property
     def holds_output(self) -> bool:
         """True on the ranks whose gathered latent is the run's output (CP rank 0 of the
-        conditional half)."""
+        conditional half; never the decode rank)."""
+        if self.is_decode_rank:
+            return False
         cp_rank = 0 if self.cp_mesh is None else self.cp_mesh.rank
         return cp_rank == 0 and self.cfg_branch in (None, 0)
+
+    @property
+    def is_decode_rank(self) -> bool:
+        """True on the rank that only decodes (``dedicated``)."""
+        return self.decode_rank is not None and self.rank == self.decode_rank
+
+    @property
+    def num_dit_ranks(self) -> int:
+        """Ranks that run the DiT (all but the decode rank)."""
+        return self.world_size - (self.decode_rank is not None)
 
     def mesh_for(self, *, cp_method: CPMethod, num_heads: int) -> ContextParallelMesh | None:
         """The CP mesh a network with ``num_heads`` heads attends over; validates the heads.
@@ -109,6 +139,9 @@ class ParallelPlan:
             layout["ring_size"] = self.cp_mesh.ring_degree
         layout["cfg_parallel"] = self.cfg is not None
         layout["decode"] = self.decode
+        if self.decode_rank is not None:
+            layout["dit_ranks"] = self.num_dit_ranks
+            layout["decode_rank"] = self.decode_rank
         return layout
 
     def _cfg_prefix(self) -> str:
@@ -151,12 +184,18 @@ def build_parallel_plan(
 
     Collective: every rank calls it, in the same order. Without an initialised
     process group (or with one rank) the plan is "no parallelism", except that
-    ``cfg_parallel`` then fails: it needs an even number of ranks.
+    ``cfg_parallel`` then fails: it needs an even number of ranks, and so does
+    ``decode="dedicated"``: it needs two ranks or more.
+
+    With ``decode="dedicated"`` the last rank only decodes: the CP (and CFG) groups
+    cover the other ranks, and the plan of the last rank has neither.
     """
     if decode not in DECODE_PLANS:
         raise ValueError(
             f"parallel.decode must be one of {', '.join(DECODE_PLANS)}; got {decode!r}"
         )
+    if decode == "dedicated":
+        return _build_dedicated_plan(ulysses_degree, ring_degree, cfg_parallel)
     plan = _build_groups(ulysses_degree, ring_degree, cfg_parallel)
     return replace(plan, decode=decode)
 
@@ -180,9 +219,50 @@ def _build_groups(
     )
 
 
-def _build_cfg_parallel_plan(
-    degrees: ParallelDegrees, world_size: int, degrees_given: bool
+def _build_dedicated_plan(
+    ulysses_degree: int | None, ring_degree: int | None, cfg_parallel: bool
 ) -> ParallelPlan:
+    """Ranks ``0 .. N-2`` run the DiT (CP / CFG groups among themselves); rank ``N-1`` decodes."""
+    import torch.distributed as dist
+
+    world_size, rank = _world()
+    if world_size < 2:
+        raise ValueError(DEDICATED_DECODE_NEEDS_TWO_RANKS.format(world_size=world_size))
+    num_dit_ranks = world_size - 1
+    if cfg_parallel and num_dit_ranks % 2 != 0:
+        raise ValueError(DEDICATED_DECODE_CFG_PARALLEL.format(world_size=world_size))
+    degrees = ParallelDegrees(ulysses_degree, ring_degree)
+    degrees_given = ulysses_degree is not None or ring_degree is not None
+    decode_rank = world_size - 1
+    if cfg_parallel:
+        plan = _build_cfg_parallel_plan(degrees, num_dit_ranks, degrees_given, world_size)
+    else:
+        dims = degrees.dims(num_dit_ranks)
+        cp_mesh = build_leading_cp_mesh(dims) if num_dit_ranks > 1 else None
+        plan = ParallelPlan(rank=rank, cp_mesh=cp_mesh, degrees_given=degrees_given)
+    dit_group = None
+    if num_dit_ranks > 1:  # collective: the decode rank creates it too
+        dit_group = dist.new_group(ranks=list(range(num_dit_ranks)))
+    if rank == decode_rank:
+        plan = ParallelPlan(degrees_given=degrees_given)
+    return replace(
+        plan,
+        world_size=world_size,
+        rank=rank,
+        decode="dedicated",
+        decode_rank=decode_rank,
+        dit_group=dit_group if rank != decode_rank else None,
+    )
+
+
+def _build_cfg_parallel_plan(
+    degrees: ParallelDegrees,
+    world_size: int,
+    degrees_given: bool,
+    num_ranks_in_job: int | None = None,
+) -> ParallelPlan:
+    """The CFG-parallel plan over the first ``world_size`` ranks of the job (all by
+    default); the ranks after them get a plan without groups."""
     if world_size % 2 != 0:
         raise ValueError(
             "cfg_parallel=True needs an even world size (one half of the ranks per CFG "
@@ -196,7 +276,10 @@ def _build_cfg_parallel_plan(
             f"cfg_parallel=True: each CFG branch runs context parallel on {half_size} of the "
             f"{world_size} ranks: {error}"
         ) from None
-    cfg = build_cfg_parallel_mesh(half_dims)
+    cfg = build_cfg_parallel_mesh(half_dims, num_ranks=world_size)
+    if cfg is None:
+        assert num_ranks_in_job is not None and num_ranks_in_job > world_size
+        return ParallelPlan(degrees_given=degrees_given)
     cp_mesh = cfg.cp_mesh if cfg.cp_mesh.cp_degree > 1 else None
     return ParallelPlan(
         world_size=world_size,
