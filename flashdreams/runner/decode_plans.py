@@ -270,11 +270,12 @@ class DedicatedDecodeSink(InlineDecodeSink):
         self._abandoned = True
 
     def close(self) -> None:
-        if self.link is not None and not self._abandoned:
-            link, self.link = self.link, None
+        link = None if self._abandoned else self.link
+        if link is not None:
             try:
-                self._receive_in_flight()
+                self._receive_in_flight()  # the chunk in flight is kept
             finally:
+                self.link = None
                 if self._finished:
                     link.send(DecodeLink.END)
                 else:
