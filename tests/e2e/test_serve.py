@@ -1,0 +1,277 @@
+"""flashdreams-serve end to end: a real server process on a free loopback port, driven by a
+Python WebSocket client (wan-tiny-t2v on CPU).
+
+One server serves the session tests (switch + save == offline run, eight concurrent sessions
+beside the bad-input matrix, disconnect, slow reader); a second one, bound off loopback with
+a token, checks the token and the graceful SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from e2e_helpers import run_cli
+from safetensors.torch import load_file
+from serve_helpers import connect, decode_jpeg, run_session, start_server
+
+from flashdreams.runner.video import read_mp4
+
+pytest.importorskip("websockets")
+pytest.importorskip("starlette")
+
+SIZE = 64  # runner.height / width of wan-tiny-t2v (tiny runner)
+LIMITS = ["--max-sessions", "8", "--max-pixels", "16384", "--max-message-bytes", "65536",
+          "--disconnect-grace-s", "0.2", "--max-queued-frames", "8",
+          "--send-buffer-bytes", "8192", "--jpeg-quality", "95"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    args = ["wan-tiny-t2v", "runner.save_latents=true", f"runner.output_dir={root / 'served'}"]
+    process = start_server([*args, *LIMITS], root)
+    process.root = root
+    yield process
+    assert process.stop() == 0, "".join(process.log)
+
+
+def switch_after_first_chunk(ws, message, record):
+    if message["type"] == "chunk" and message["index"] == 0:
+        ws.send(json.dumps({"type": "prompt", "prompt": "a blue cube", "id": "switch-1"}))
+
+
+def test_session_switch_frames_and_saved_run_equal_the_offline_run(server):
+    num_chunks = 4
+    record = run_session(
+        server,
+        {"prompt": "a red ball", "num_chunks": num_chunks, "save": True, "id": "s"},
+        on_message=switch_after_first_chunk,
+    )
+    started = record.of_type("started")[0]
+    assert (started["height"], started["width"], started["fps"], started["id"]) == (
+        SIZE, SIZE, 16.0, "s",
+    )  # fmt: skip
+    ack = record.index_of("ack", id="switch-1")
+    applied = record.index_of("applied", id="switch-1")
+    assert ack < applied
+    switch_chunk = record.messages[applied]["chunk"]
+    assert record.messages[ack]["chunk"] <= switch_chunk < num_chunks
+    chunks = record.of_type("chunk")
+    assert [c["index"] for c in chunks] == list(range(num_chunks))
+    assert len(record.frames) == sum(c["num_frames"] for c in chunks) > num_chunks
+    for index, jpeg in record.frames:
+        assert decode_jpeg(jpeg).shape == (SIZE, SIZE, 3), f"chunk {index}"
+    assert record.messages[-1] == {"type": "ended", "session": started["session"],
+                                   "reason": "completed"}  # fmt: skip
+    # The saved run directory equals flashdreams-run with the same prompt timeline and seed.
+    saved = server.root / "served" / f"session-{started['session']:04d}"
+    assert started["save_dir"] == str(saved)
+    timeline = server.root / "timeline.jsonl"
+    timeline.write_text(
+        json.dumps({"chunk": 0, "prompt": "a red ball"}) + "\n"
+        + json.dumps({"chunk": switch_chunk, "prompt": "a blue cube"}) + "\n"
+    )  # fmt: skip
+    offline = run_cli(
+        ["wan-tiny-t2v", f"runner.num_chunks={num_chunks}", "runner.save_latents=true",
+         f"runner.prompt_timeline_file={timeline}", "runner.output_dir=offline"],
+        server.root,
+    )  # fmt: skip
+    assert offline.returncode == 0, offline.stderr
+    served_latents = load_file(str(saved / "latents.safetensors"))["latents"]
+    offline_latents = load_file(str(server.root / "offline" / "latents.safetensors"))["latents"]
+    assert served_latents.shape == offline_latents.shape
+    assert (served_latents - offline_latents).abs().max().item() <= 1e-6
+    served_frames, _ = read_mp4(saved / "video.mp4")
+    offline_frames, _ = read_mp4(server.root / "offline" / "video.mp4")
+    assert served_frames.shape == offline_frames.shape
+    assert (served_frames == offline_frames).all()
+    stats = json.loads((saved / "stats.json").read_text())
+    assert stats["status"] == "completed" and stats["num_chunks_written"] == num_chunks
+    assert stats["prompt_switches"] == [
+        {"chunk": switch_chunk, "prompt": "a blue cube", "mode": "recache"}
+    ]
+
+
+def request_errors(server, messages: list[str]) -> list[str]:
+    """Send each raw message on one connection; the ``error`` message each one got."""
+    errors = []
+    with connect(server) as ws:
+        for text in messages:
+            ws.send(text)
+            reply = json.loads(ws.recv(timeout=30))
+            assert reply["type"] == "error", reply
+            errors.append(reply["message"])
+    return errors
+
+
+def test_eight_concurrent_sessions_complete_beside_refused_bad_input(server):
+    num_chunks = 2
+    records: list = [None] * 8
+    started = [threading.Event() for _ in records]
+
+    def run(index: int) -> None:
+        def note(ws, message, record):
+            if message["type"] == "started":
+                started[index].set()
+
+        records[index] = run_session(
+            server, {"prompt": f"scene {index}", "seed": index, "num_chunks": num_chunks},
+            on_message=note,
+        )  # fmt: skip
+        started[index].set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(records))]
+    for thread in threads:
+        thread.start()
+    for event in started:
+        assert event.wait(120)
+    start = {"type": "start", "prompt": "one more"}
+    errors = request_errors(
+        server,
+        [
+            json.dumps(start),
+            "{not json",
+            json.dumps({"type": "dance"}),
+            json.dumps({**start, "prompt": "x" * 70_000}),
+            json.dumps({**start, "prompt": "y" * 10_000}),
+            json.dumps({**start, "height": 256, "width": 256}),
+            json.dumps({**start, "height": 60}),
+            json.dumps({"type": "prompt", "prompt": "no session"}),
+            json.dumps({**start, "num_chunks": "three"}),
+        ],
+    )
+    assert errors[0] == ("too many sessions: 8 open, max_sessions=8; try again when one ends")
+    assert errors[1].startswith("malformed JSON: ")
+    assert errors[2] == (
+        "unknown message type 'dance'; expected one of start, prompt, control, pause, resume, stop"
+    )
+    assert errors[3].startswith("message too large: ")
+    assert errors[3].endswith("bytes, over the limit max_message_bytes=65536")
+    assert errors[4] == ("prompt too long: 10000 characters, over the limit max_prompt_chars=2000")
+    assert errors[5] == ("resolution 256x256 is over the limit max_pixels=16384 (height * width)")
+    assert errors[6].startswith("height=60 is not a multiple of 16 (try 48 or 64)")
+    assert errors[7] == "'prompt' needs a running session: send 'start' first"
+    assert errors[8] == "'num_chunks' must be an integer, got 'three'"
+    for thread in threads:
+        thread.join(120)
+    for index, record in enumerate(records):
+        assert not record.of_type("error"), record.of_type("error")
+        chunks = record.of_type("chunk")
+        assert [c["index"] for c in chunks] == list(range(num_chunks)), index
+        assert len(record.frames) == sum(c["num_frames"] for c in chunks)
+        assert record.messages[-1]["reason"] == "completed"
+    assert len({r.of_type("started")[0]["session"] for r in records}) == 8
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_disconnect_frees_the_session(server):
+    assert wait_for(lambda: server.metric("flashdreams_serve_active_sessions") == 0)
+    with connect(server) as ws:
+        ws.send(json.dumps({"type": "start", "prompt": "a red ball"}))  # until stopped
+        while not (isinstance(m := ws.recv(timeout=60), str) and json.loads(m)["type"] == "chunk"):
+            pass
+        assert server.metric("flashdreams_serve_active_sessions") == 1
+        cache_bytes = server.metric("flashdreams_serve_cache_bytes")
+        assert cache_bytes > 0
+    assert wait_for(lambda: server.metric("flashdreams_serve_active_sessions") == 0)
+    assert server.metric("flashdreams_serve_cache_bytes") == 0
+    _, metrics = server.get("/metrics")
+    assert 'flashdreams_serve_sessions_ended_total{reason="disconnected"} 1' in metrics
+
+
+def test_slow_reader_sees_dropped_frames_and_others_keep_theirs(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect((host, int(port)))
+    with connect(server, sock=sock, max_queue=1) as slow:
+        slow.send(json.dumps({"type": "start", "prompt": "slow", "num_chunks": 12}))
+        fast = {}
+        fast_thread = threading.Thread(
+            target=lambda: fast.update(
+                record=run_session(server, {"prompt": "fast", "num_chunks": 12})
+            )
+        )
+        fast_thread.start()
+        fast_thread.join(180)  # the slow client reads nothing meanwhile
+        messages, num_frames = [], 0
+        while not messages or messages[-1]["type"] != "ended":
+            received = slow.recv(timeout=60)
+            if isinstance(received, bytes):
+                num_frames += 1
+            else:
+                messages.append(json.loads(received))
+    chunks = [m for m in messages if m["type"] == "chunk"]
+    assert chunks[-1]["index"] == 11
+    assert len(chunks) < 12 and chunks[-1]["dropped_frames"] > 0
+    assert num_frames == sum(c["num_frames"] for c in chunks)
+    assert server.metric("flashdreams_serve_frames_dropped_total") >= chunks[-1]["dropped_frames"]
+    fast_chunks = fast["record"].of_type("chunk")
+    assert [c["index"] for c in fast_chunks] == list(range(12))
+    assert all(c["dropped_frames"] == 0 for c in fast_chunks)
+
+
+def test_token_off_loopback_and_graceful_sigterm(tmp_path):
+    import subprocess
+
+    from serve_helpers import serve_command
+
+    refused = subprocess.run(
+        [*serve_command(), "wan-tiny-t2v", "--host", "0.0.0.0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "--host 0.0.0.0 is reachable from other machines: give an access token" in (
+        refused.stderr
+    )
+    token = "s3cret-token"
+    server = start_server(
+        ["wan-tiny-t2v", "runner.save_latents=true", f"runner.output_dir={tmp_path / 'out'}",
+         "--host", "0.0.0.0", "--token", token],
+        tmp_path, token=token,
+    )  # fmt: skip
+    try:
+        status, body = server.get("/healthz", token=None)
+        assert status == 401 and "missing token" in body
+        status, body = server.get("/v1/info", token="wrong-token")
+        assert status == 401 and "wrong token" in body
+        assert server.get("/healthz")[0] == 200
+        from websockets.exceptions import InvalidStatus
+        from websockets.sync.client import connect as ws_connect
+
+        for url in (server.ws_url.split("?")[0], server.ws_url.replace(token, "wrong-token")):
+            with pytest.raises(InvalidStatus) as refused_ws:
+                ws_connect(url, open_timeout=30)
+            assert refused_ws.value.response.status_code == 401
+
+        # SIGTERM mid-session: ended(shutdown), the saved mp4 plays, exit 0.
+        def stop_after_two_chunks(ws, message, record):
+            if message["type"] == "chunk" and message["index"] == 1:
+                server.process.send_signal(signal.SIGTERM)
+
+        record = run_session(server, {"prompt": "a red ball", "save": True},
+                             on_message=stop_after_two_chunks)  # fmt: skip
+        assert record.messages[-1]["type"] == "ended"
+        assert record.messages[-1]["reason"] == "shutdown"
+        assert server.process.wait(60) == 0, "".join(server.log)
+    finally:
+        server.stop()
+    chunks = record.of_type("chunk")
+    saved = tmp_path / "out" / "session-0000"
+    frames, _ = read_mp4(saved / "video.mp4")
+    assert len(frames) == sum(c["num_frames"] for c in chunks) == len(record.frames)
+    stats = json.loads((saved / "stats.json").read_text())
+    assert stats["status"] == "interrupted" and stats["num_chunks_written"] == len(chunks)
