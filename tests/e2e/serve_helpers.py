@@ -68,7 +68,9 @@ def start_server(args: list[str], cwd: Path, *, token: str | None = None,
     """Start ``flashdreams-serve args`` on a free port; returns once it listens."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    command = (prefix or []) + serve_command() + [*args, "--port", "0"]
+    # Under a launcher prefix (torchrun) the module runs in the launcher's python.
+    program = ["-m", "flashdreams.serve"] if prefix else serve_command()
+    command = (prefix or []) + program + [*args, "--port", "0"]
     process = subprocess.Popen(
         command, cwd=cwd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
     )

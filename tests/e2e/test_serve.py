@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -275,3 +276,44 @@ def test_token_off_loopback_and_graceful_sigterm(tmp_path):
     assert len(frames) == sum(c["num_frames"] for c in chunks) == len(record.frames)
     stats = json.loads((saved / "stats.json").read_text())
     assert stats["status"] == "interrupted" and stats["num_chunks_written"] == len(chunks)
+
+
+def test_torchrun_two_ranks_serve_the_one_rank_latents(tmp_path):
+    """Rank 0 serves, both ranks step the session (gloo CP); its latents equal the 1-rank run's
+    with the same prompt timeline (the offline run, which the 1-rank server equals)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    size = ["runner.height=32", "runner.width=48"]  # 4 x 6 latent: 6 tokens per frame
+    server = start_server(
+        ["wan-tiny-t2v", *size, "runner.save_latents=true", "runner.output_dir=served",
+         "parallel.backend=gloo"],
+        tmp_path, prefix=torchrun,
+    )  # fmt: skip
+    try:
+        _, info = server.get("/v1/info")
+        assert json.loads(info)["world_size"] == 2
+        num_chunks = 4
+        record = run_session(
+            server,
+            {"prompt": "a red ball", "num_chunks": num_chunks, "save": True},
+            on_message=switch_after_first_chunk,
+        )
+    finally:
+        server.stop()
+    switch_chunk = record.messages[record.index_of("applied", id="switch-1")]["chunk"]
+    assert [c["index"] for c in record.of_type("chunk")] == list(range(num_chunks))
+    timeline = tmp_path / "timeline.jsonl"
+    timeline.write_text(
+        json.dumps({"chunk": 0, "prompt": "a red ball"}) + "\n"
+        + json.dumps({"chunk": switch_chunk, "prompt": "a blue cube"}) + "\n"
+    )  # fmt: skip
+    one_rank = run_cli(
+        ["wan-tiny-t2v", *size, f"runner.num_chunks={num_chunks}", "runner.save_latents=true",
+         f"runner.prompt_timeline_file={timeline}", "runner.output_dir=offline"],
+        tmp_path,
+    )  # fmt: skip
+    assert one_rank.returncode == 0, one_rank.stderr
+    served = load_file(str(tmp_path / "served" / "session-0000" / "latents.safetensors"))
+    offline = load_file(str(tmp_path / "offline" / "latents.safetensors"))
+    assert served["latents"].shape == offline["latents"].shape
+    # fp32; only the attention reduction order differs between 1 and 2 ranks.
+    assert (served["latents"] - offline["latents"]).abs().max().item() <= 1e-5
