@@ -311,13 +311,29 @@ class ServeEngine:
     def _apply(self, plan: TickPlan) -> None:
         for session_id in plan.closes:
             self.manager.close(session_id)
-        if self.metrics is not None:
-            self.metrics.set_open_sessions(len(self.manager.sessions), self.manager.cache_bytes())
         starting, self._starting = self._starting, []
         for index, spec in enumerate(plan.opens):
             self._open(spec, starting[index] if starting else None)
         if plan.step is not None:
-            self._step(plan.step)
+            try:
+                self._step(plan.step)
+            except Exception as error:  # noqa: BLE001 - this session fails, the others go on
+                self._session_failed(plan.step, error)
+        if self.metrics is not None:
+            self.metrics.set_open_sessions(len(self.manager.sessions), self.manager.cache_bytes())
+
+    def _session_failed(self, session_id: int, error: Exception) -> None:
+        """A chunk of one session raised: that session ends with an ``error``; on the other
+        ranks it is closed by rank 0's next plan. (A failed collective fails the next
+        broadcast too, which stops the engine.)"""
+        served = self._served.get(session_id)
+        if served is None:
+            return
+        chunk = self.manager.get(session_id).next_chunk
+        served.listener.error(
+            f"session {session_id} failed at chunk {chunk}: {type(error).__name__}: {error}"
+        )
+        self._end(session_id, served, "error")
 
     def _open(self, spec: OpenSpec, request: StartRequest | None) -> None:
         model = self.pipeline.diffusion_model

@@ -9,6 +9,7 @@ a token, checks the token and the graceful SIGTERM.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import sys
@@ -167,6 +168,46 @@ def test_eight_concurrent_sessions_complete_beside_refused_bad_input(server):
         assert len(record.frames) == sum(c["num_frames"] for c in chunks)
         assert record.messages[-1]["reason"] == "completed"
     assert len({r.of_type("started")[0]["session"] for r in records}) == 8
+
+
+def test_a_failing_session_ends_alone_and_pause_resume_stop(server):
+    """A control on a pipeline without an encoder fails that session's next chunk: it gets an
+    ``error`` and ``ended(error)``; a concurrent session pauses, resumes and stops untouched."""
+
+    def fail_after_first_chunk(ws, message, record):
+        if message["type"] == "chunk" and message["index"] == 0:
+            ws.send(json.dumps({"type": "control", "data": [1, 2], "id": "c"}))
+
+    failing = {}
+    thread = threading.Thread(
+        target=lambda: failing.update(
+            record=run_session(server, {"prompt": "fails"}, on_message=fail_after_first_chunk)
+        )
+    )
+    thread.start()
+    steps = iter(["pause", "resume", "stop"])
+
+    def steer(ws, message, record):
+        if message["type"] == "chunk" and message["index"] == 0 or message["type"] == "applied":
+            command = next(steps, None)
+            if command:
+                ws.send(json.dumps({"type": command, "id": command}))
+
+    healthy = run_session(server, {"prompt": "healthy"}, on_message=steer)
+    thread.join(120)
+    record = failing["record"]
+    (error,) = record.of_type("error")
+    assert re.match(
+        r"session \d+ failed at chunk \d+: ValueError: input was given but the pipeline has no "
+        "encoder",
+        error["message"],
+    ), error["message"]
+    assert record.messages[-1]["reason"] == "error"
+    applied = {m["command"]: m["chunk"] for m in healthy.of_type("applied")}
+    assert applied["pause"] <= applied["resume"] <= applied["stop"]
+    assert not healthy.of_type("error") and healthy.messages[-1]["reason"] == "stopped"
+    chunks = [c["index"] for c in healthy.of_type("chunk")]
+    assert chunks == list(range(len(chunks))) and len(chunks) == applied["stop"]
 
 
 def wait_for(condition, timeout: float = 30.0) -> bool:

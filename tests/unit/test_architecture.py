@@ -13,7 +13,7 @@ from pathlib import Path
 import flashdreams
 
 PACKAGE_ROOT = Path(flashdreams.__file__).parent
-LAYERS = ["core", "infra", "recipes", "session", "runner", "launch", "testing"]
+LAYERS = ["core", "infra", "recipes", "session", "runner", "launch", "serve", "testing"]
 """Bottom to top: a layer may import its own modules and the layers before it."""
 
 
