@@ -121,7 +121,7 @@ def _serve_built(args: Any, run_config: Any, limits: ServeLimits, token: str | N
                            device=str(context.device), parallel=plan),
     )  # fmt: skip
     pipeline = runner.build_pipeline()
-    runner._latent_size(pipeline, run_config.runner.height, run_config.runner.width)
+    latent_size = runner._latent_size(pipeline, run_config.runner.height, run_config.runner.width)
     metrics = ServeMetrics() if context.rank == 0 else None
     engine = ServeEngine(
         pipeline,
@@ -133,6 +133,7 @@ def _serve_built(args: Any, run_config: Any, limits: ServeLimits, token: str | N
         fps=run_config.runner.fps,
         saver_factory=_saver_factory(run_config, output_root) if context.rank == 0 else None,
         metrics=metrics,
+        warmup=(_first_prompt(run_config), *latent_size),
     )
     if context.rank != 0:
         for stop_signal in (signal.SIGTERM, signal.SIGINT):

@@ -131,6 +131,11 @@ class ServeEngine:
         saver_factory: rank 0, ``saver_factory(session_id, request) -> saver`` for ``save``
             (``append(frames, latent)``, ``record_switch(...)``, ``close(status, telemetry)``).
         metrics: rank 0, the server's :class:`~flashdreams.serve.metrics.ServeMetrics`.
+        warmup: ``(prompt, latent height, latent width)`` of one cache built and dropped before
+            serving: a pipeline's first ``initialize_cache`` may draw from the global generator
+            (lazily built modules), as an offline run's does; afterwards every seed-less
+            session starts from the state an offline run's first chunk sees, and the first
+            client does not wait for the lazy work.
     """
 
     def __init__(
@@ -145,6 +150,7 @@ class ServeEngine:
         fps: float = 16.0,
         saver_factory: Any = None,
         metrics: Any = None,
+        warmup: tuple[str, int, int] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.manager = SessionManager(pipeline, max_sessions=max_sessions)
@@ -155,7 +161,10 @@ class ServeEngine:
         self.fps = fps
         self.saver_factory = saver_factory
         self.metrics = metrics
-        # The noise an offline run draws after building the pipeline (seed-less sessions).
+        if warmup is not None:
+            self._warm_up(*warmup)
+        # The noise an offline run draws from after building the pipeline and initializing
+        # its first cache (seed-less sessions start from it).
         self._build_noise = _noise_state(pipeline.diffusion_model)
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._served: dict[int, _Served] = {}
@@ -169,6 +178,17 @@ class ServeEngine:
         """Rank 0: the error that stopped the engine, if one did."""
         self.done = threading.Event()
         """Set once the engine stopped (every session ended)."""
+
+    def _warm_up(self, prompt: str, height: int, width: int) -> None:
+        from loguru import logger
+
+        try:
+            with torch.no_grad():
+                self.pipeline.initialize_cache(
+                    [prompt], None, height=height, width=width, release_oneshot_encoders=False
+                )
+        except ValueError as error:  # e.g. an I2V pipeline needs a first frame
+            logger.warning(f"no warm-up cache ({error}); the first session does the lazy work")
 
     # ------------------------------------------------------------- rank 0, web side
     def submit(self, request: StartRequest | SessionRequest) -> None:

@@ -9,12 +9,15 @@ a token, checks the token and the graceful SIGTERM.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_helpers import run_cli
@@ -28,7 +31,7 @@ pytest.importorskip("starlette")
 
 SIZE = 64  # runner.height / width of wan-tiny-t2v (tiny runner)
 LIMITS = ["--max-sessions", "8", "--max-pixels", "16384", "--max-message-bytes", "65536",
-          "--disconnect-grace-s", "0.2", "--max-queued-frames", "8",
+          "--disconnect-grace-s", "0.2", "--max-queued-frames", "24",
           "--send-buffer-bytes", "8192", "--jpeg-quality", "95"]  # fmt: skip
 
 
@@ -43,8 +46,13 @@ def server(tmp_path_factory):
 
 
 def switch_after_first_chunk(ws, message, record):
+    """After chunk 0: pause, switch the prompt while paused, resume (the switch then applies
+    where the pause did, however fast the chunks are)."""
     if message["type"] == "chunk" and message["index"] == 0:
+        ws.send(json.dumps({"type": "pause", "id": "pause"}))
+    if message["type"] == "applied" and message["id"] == "pause":
         ws.send(json.dumps({"type": "prompt", "prompt": "a blue cube", "id": "switch-1"}))
+        ws.send(json.dumps({"type": "resume", "id": "resume"}))
 
 
 def test_session_switch_frames_and_saved_run_equal_the_offline_run(server):
@@ -63,6 +71,8 @@ def test_session_switch_frames_and_saved_run_equal_the_offline_run(server):
     assert ack < applied
     switch_chunk = record.messages[applied]["chunk"]
     assert record.messages[ack]["chunk"] <= switch_chunk < num_chunks
+    paused_at = record.messages[record.index_of("applied", id="pause")]["chunk"]
+    assert 1 <= paused_at == switch_chunk
     chunks = record.of_type("chunk")
     assert [c["index"] for c in chunks] == list(range(num_chunks))
     assert len(record.frames) == sum(c["num_frames"] for c in chunks) > num_chunks
@@ -240,7 +250,7 @@ def test_slow_reader_sees_dropped_frames_and_others_keep_theirs(server):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     sock.connect((host, int(port)))
     with connect(server, sock=sock, max_queue=1) as slow:
-        slow.send(json.dumps({"type": "start", "prompt": "slow", "num_chunks": 12}))
+        slow.send(json.dumps({"type": "start", "prompt": "slow", "num_chunks": 20}))
         fast = {}
         fast_thread = threading.Thread(
             target=lambda: fast.update(
@@ -257,8 +267,8 @@ def test_slow_reader_sees_dropped_frames_and_others_keep_theirs(server):
             else:
                 messages.append(json.loads(received))
     chunks = [m for m in messages if m["type"] == "chunk"]
-    assert chunks[-1]["index"] == 11
-    assert len(chunks) < 12 and chunks[-1]["dropped_frames"] > 0
+    assert chunks[-1]["index"] == 19
+    assert len(chunks) < 20 and chunks[-1]["dropped_frames"] > 0
     assert num_frames == sum(c["num_frames"] for c in chunks)
     assert server.metric("flashdreams_serve_frames_dropped_total") >= chunks[-1]["dropped_frames"]
     fast_chunks = fast["record"].of_type("chunk")
@@ -319,11 +329,35 @@ def test_token_off_loopback_and_graceful_sigterm(tmp_path):
     assert stats["status"] == "interrupted" and stats["num_chunks_written"] == len(chunks)
 
 
-def test_torchrun_two_ranks_serve_the_one_rank_latents(tmp_path):
-    """Rank 0 serves, both ranks step the session (gloo CP); its latents equal the 1-rank run's
-    with the same prompt timeline (the offline run, which the 1-rank server equals)."""
+def child_with_rank(parent_pid: int, rank: int) -> int:
+    """The pid of the child of ``parent_pid`` (a torchrun agent) started with ``RANK=rank``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no child of {parent_pid} with RANK={rank}")
+
+
+def saved_latents(record, cwd: Path) -> Any:
+    save_dir = cwd / record.of_type("started")[0]["save_dir"]  # relative: under the cwd
+    return load_file(str(save_dir / "latents.safetensors"))["latents"]
+
+
+def test_torchrun_two_ranks_serve_the_one_rank_latents(server, tmp_path):
+    """Rank 0 serves, both ranks step the sessions (gloo CP). A session equals the same session
+    on the 1-rank server; one with a prompt switch equals the 1-rank offline run with the same
+    timeline (which the 1-rank server equals, see above); a killed rank ends the sessions with
+    an error and the server exits non-zero."""
+    plain = {"prompt": "a green tree", "num_chunks": 3, "save": True, "height": 32, "width": 48}
+    one_rank_record = run_session(server, plain)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
     size = ["runner.height=32", "runner.width=48"]  # 4 x 6 latent: 6 tokens per frame
+    one_rank = server
     server = start_server(
         ["wan-tiny-t2v", *size, "runner.save_latents=true", "runner.output_dir=served",
          "parallel.backend=gloo"],
@@ -332,12 +366,30 @@ def test_torchrun_two_ranks_serve_the_one_rank_latents(tmp_path):
     try:
         _, info = server.get("/v1/info")
         assert json.loads(info)["world_size"] == 2
+        two_rank_record = run_session(server, plain)
+        one = saved_latents(one_rank_record, one_rank.root)
+        two = saved_latents(two_rank_record, tmp_path)
+        assert one.shape == two.shape and (one - two).abs().max().item() <= 1e-5
+        assert one_rank.process.poll() is None
         num_chunks = 4
         record = run_session(
             server,
             {"prompt": "a red ball", "num_chunks": num_chunks, "save": True},
             on_message=switch_after_first_chunk,
         )
+
+        # A rank failure ends the sessions with an error to their clients; exit non-zero.
+        def kill_rank_1(ws, message, record):
+            if message["type"] == "chunk" and message["index"] == 1:
+                os.kill(child_with_rank(server.process.pid, 1), signal.SIGKILL)
+
+        failed = run_session(server, {"prompt": "a red ball"}, on_message=kill_rank_1)
+        assert failed.messages[-1] == {"type": "ended", "session": 2, "reason": "error"}
+        (error,) = failed.of_type("error")
+        pattern = r"(session 2 failed at chunk \d+|the server stopped): RuntimeError: "
+        assert re.match(pattern, error["message"]), error
+        assert server.process.wait(60) != 0
+        assert "flashdreams-serve stopped (exit code 1)" in "".join(server.log)
     finally:
         server.stop()
     switch_chunk = record.messages[record.index_of("applied", id="switch-1")]["chunk"]
@@ -353,7 +405,7 @@ def test_torchrun_two_ranks_serve_the_one_rank_latents(tmp_path):
         tmp_path,
     )  # fmt: skip
     assert one_rank.returncode == 0, one_rank.stderr
-    served = load_file(str(tmp_path / "served" / "session-0000" / "latents.safetensors"))
+    served = load_file(str(tmp_path / "served" / "session-0001" / "latents.safetensors"))
     offline = load_file(str(tmp_path / "offline" / "latents.safetensors"))
     assert served["latents"].shape == offline["latents"].shape
     # fp32; only the attention reduction order differs between 1 and 2 ranks.
