@@ -36,7 +36,8 @@ const canvas = document.getElementById("canvas");
 const context = canvas.getContext("2d");
 const statsBox = document.getElementById("stats");
 const logBox = document.getElementById("log");
-const stats = { session: null, chunks: 0, frames: 0, shown: 0, dropped: 0, fps: 16,
+const MAX_QUEUED_SECONDS = 2;  // a live view: older frames are dropped, not played late
+const stats = { session: null, chunks: 0, frames: 0, shown: 0, dropped: 0, skipped: 0, fps: 16,
                 lastChunk: null, startedAt: 0, firstFrameS: null, prompt: "", state: "idle" };
 let socket = null, frameQueue = [], player = null, pendingFrames = 0, requestId = 0;
 
@@ -45,7 +46,8 @@ function showStats() {
   statsBox.textContent =
     "state " + stats.state + "  session " + stats.session + "  prompt: " + stats.prompt + "\\n" +
     "chunks " + stats.chunks + "  frames received " + stats.frames + "  shown " + stats.shown +
-    "  dropped by server " + stats.dropped + "  queued " + frameQueue.length + "\\n" +
+    "  dropped by server " + stats.dropped + "  skipped by viewer " + stats.skipped +
+    "  queued " + frameQueue.length + "\\n" +
     "stream fps " + stats.fps + "  first frame " +
     (stats.firstFrameS === null ? "-" : stats.firstFrameS.toFixed(2) + " s") +
     (timings ? "  last chunk " + timings.total_s.toFixed(3) + " s (denoise " +
@@ -86,6 +88,10 @@ document.getElementById("start").onclick = () => {
       const bitmap = await createImageBitmap(event.data);
       frameQueue.push(bitmap);
       stats.frames += 1;
+      while (frameQueue.length > MAX_QUEUED_SECONDS * stats.fps) {
+        frameQueue.shift().close();
+        stats.skipped += 1;
+      }
       if (stats.firstFrameS === null) stats.firstFrameS = (performance.now() - stats.startedAt) / 1000;
       return;
     }
