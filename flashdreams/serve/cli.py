@@ -133,7 +133,11 @@ def _serve_built(args: Any, run_config: Any, limits: ServeLimits, token: str | N
         fps=run_config.runner.fps,
         saver_factory=_saver_factory(run_config, output_root) if context.rank == 0 else None,
         metrics=metrics,
-        warmup=(_first_prompt(run_config), *latent_size),
+        warmup=(
+            _first_prompt(run_config),
+            *latent_size,
+            (run_config.runner.height, run_config.runner.width),
+        ),
     )
     if context.rank != 0:
         for stop_signal in (signal.SIGTERM, signal.SIGINT):

@@ -131,7 +131,8 @@ class ServeEngine:
         saver_factory: rank 0, ``saver_factory(session_id, request) -> saver`` for ``save``
             (``append(frames, latent)``, ``record_switch(...)``, ``close(status, telemetry)``).
         metrics: rank 0, the server's :class:`~flashdreams.serve.metrics.ServeMetrics`.
-        warmup: ``(prompt, latent height, latent width)`` of one cache built and dropped before
+        warmup: ``(prompt, latent height, latent width, (pixel height, pixel width))`` of one
+            cache built and dropped before
             serving: a pipeline's first ``initialize_cache`` may draw from the global generator
             (lazily built modules), as an offline run's does; afterwards every seed-less
             session starts from the state an offline run's first chunk sees, and the first
@@ -150,7 +151,7 @@ class ServeEngine:
         fps: float = 16.0,
         saver_factory: Any = None,
         metrics: Any = None,
-        warmup: tuple[str, int, int] | None = None,
+        warmup: tuple[str, int, int, tuple[int, int]] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.manager = SessionManager(pipeline, max_sessions=max_sessions)
@@ -179,16 +180,21 @@ class ServeEngine:
         self.done = threading.Event()
         """Set once the engine stopped (every session ended)."""
 
-    def _warm_up(self, prompt: str, height: int, width: int) -> None:
+    def _warm_up(self, prompt: str, height: int, width: int, pixel_size: tuple[int, int]) -> None:
+        """One cache of ``prompt`` (an I2V pipeline gets a gray first frame), dropped."""
         from loguru import logger
 
-        try:
-            with torch.no_grad():
-                self.pipeline.initialize_cache(
-                    [prompt], None, height=height, width=width, release_oneshot_encoders=False
-                )
-        except ValueError as error:  # e.g. an I2V pipeline needs a first frame
-            logger.warning(f"no warm-up cache ({error}); the first session does the lazy work")
+        gray = torch.zeros(1, 1, 3, *pixel_size, device=self.pipeline.diffusion_model.device)
+        for image in (None, gray):
+            try:
+                with torch.no_grad():
+                    self.pipeline.initialize_cache(
+                        [prompt], image, height=height, width=width, release_oneshot_encoders=False
+                    )
+                return
+            except ValueError as error:  # e.g. an I2V pipeline needs a first frame
+                problem = error
+        logger.warning(f"no warm-up cache ({problem}); the first session does the lazy work")
 
     # ------------------------------------------------------------- rank 0, web side
     def submit(self, request: StartRequest | SessionRequest) -> None:

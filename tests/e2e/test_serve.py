@@ -155,6 +155,8 @@ def test_eight_concurrent_sessions_complete_beside_refused_bad_input(server):
             json.dumps({**start, "height": 60}),
             json.dumps({"type": "prompt", "prompt": "no session"}),
             json.dumps({**start, "num_chunks": "three"}),
+            json.dumps({**start, "image": "not base64!"}),
+            json.dumps({**start, "image": "aGVsbG8="}),  # base64 of b"hello"
         ],
     )
     assert errors[0] == ("too many sessions: 8 open, max_sessions=8; try again when one ends")
@@ -169,6 +171,8 @@ def test_eight_concurrent_sessions_complete_beside_refused_bad_input(server):
     assert errors[6].startswith("height=60 is not a multiple of 16 (try 48 or 64)")
     assert errors[7] == "'prompt' needs a running session: send 'start' first"
     assert errors[8] == "'num_chunks' must be an integer, got 'three'"
+    assert errors[9].startswith("'image' is not valid base64: ")
+    assert errors[10].startswith("'image' is not a readable PNG or JPEG: cannot identify image")
     for thread in threads:
         thread.join(120)
     for index, record in enumerate(records):
@@ -410,3 +414,37 @@ def test_torchrun_two_ranks_serve_the_one_rank_latents(server, tmp_path):
     assert served["latents"].shape == offline["latents"].shape
     # fp32; only the attention reduction order differs between 1 and 2 ranks.
     assert (served["latents"] - offline["latents"]).abs().max().item() <= 1e-5
+
+
+def test_i2v_image_sent_as_base64_equals_the_offline_run_from_the_file(tmp_path):
+    """The first frame travels as base64 and is decoded in memory; the saved session equals
+    ``flashdreams-run wan-tiny-i2v runner.image=<the same file>``."""
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    image_path = tmp_path / "first.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image_path)
+    server = start_server(
+        ["wan-tiny-i2v", "runner.save_latents=true", "runner.output_dir=served"], tmp_path
+    )
+    try:
+        encoded = base64.b64encode(image_path.read_bytes()).decode()
+        record = run_session(
+            server, {"prompt": "a red ball", "num_chunks": 2, "save": True, "image": encoded}
+        )
+    finally:
+        assert server.stop() == 0, "".join(server.log)
+    assert record.messages[-1]["reason"] == "completed", record.messages
+    offline = run_cli(
+        ["wan-tiny-i2v", "runner.num_chunks=2", "runner.prompt=a red ball",
+         f"runner.image={image_path}", "runner.save_latents=true", "runner.output_dir=offline"],
+        tmp_path,
+    )  # fmt: skip
+    assert offline.returncode == 0, offline.stderr
+    served = saved_latents(record, tmp_path)
+    expected = load_file(str(tmp_path / "offline" / "latents.safetensors"))["latents"]
+    assert served.shape == expected.shape
+    assert (served - expected).abs().max().item() <= 1e-6
