@@ -179,7 +179,16 @@ class Client:
             self.state.metrics.frames(dropped=len(frames))
 
     async def send_loop(self) -> None:
-        """Send queued messages; a chunk is its message then its JPEG frames."""
+        """Send queued messages until the connection closes."""
+        from starlette.websockets import WebSocketDisconnect
+
+        try:
+            await self._send_queued()
+        except (OSError, RuntimeError, WebSocketDisconnect):
+            pass  # the client went away; the receiving side cleans up
+
+    async def _send_queued(self) -> None:
+        """A chunk is its message, then its JPEG frames as binary messages."""
         quality = self.state.jpeg_quality
         while True:
             await self.wakeup.wait()
@@ -457,8 +466,7 @@ def build_app(state: ServerState) -> Any:
 async def stop_when_engine_done(state: ServerState, flush_timeout_s: float = 10.0) -> None:
     """Once the engine stopped (shutdown or failure): deliver what is queued, then exit."""
     await asyncio.to_thread(state.engine.done.wait)
-    for client in list(state.clients):
-        await client.flush(flush_timeout_s)
+    await asyncio.gather(*(client.flush(flush_timeout_s) for client in list(state.clients)))
     for client in list(state.clients):
         try:
             await client.websocket.close(code=1001)
