@@ -19,7 +19,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from flashdreams.serve.app import TOKEN_ENV, ServeLimits
+from flashdreams.serve.limits import TOKEN_ENV, ServeLimits
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 """Hosts served without a token."""

@@ -246,6 +246,11 @@ def test_disconnect_frees_the_session(server):
     assert server.metric("flashdreams_serve_cache_bytes") == 0
     _, metrics = server.get("/metrics")
     assert 'flashdreams_serve_sessions_ended_total{reason="disconnected"} 1' in metrics
+    # Histograms in the Prometheus text format: every chunk observed once.
+    chunks = server.metric("flashdreams_serve_chunks_total")
+    assert server.metric("flashdreams_serve_chunk_latency_seconds_count") == chunks > 0
+    assert f'flashdreams_serve_chunk_latency_seconds_bucket{{le="+Inf"}} {int(chunks)}' in metrics
+    assert "# TYPE flashdreams_serve_time_to_first_frame_seconds histogram" in metrics
 
 
 def test_slow_reader_sees_dropped_frames_and_others_keep_theirs(server):
