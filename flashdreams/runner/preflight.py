@@ -52,17 +52,21 @@ def validate_before_work(
     checkpoints: bool = True,
     memory: bool = True,
     world_size: int | None = None,
+    first_frame: bool = True,
 ) -> None:
     """Every check that needs no weights: runner values, sizes, inputs, checkpoints, memory.
 
     ``world_size``: the job's number of ranks, ``None`` when not known here (a config
-    printed or a sweep checked before launch): the checks that need it are skipped."""
+    printed or a sweep checked before launch): the checks that need it are skipped.
+    ``first_frame=False`` skips the ``runner.image`` check (flashdreams-serve: each session
+    brings its own first frame)."""
     from flashdreams.runner.runner import validate_runner_config
 
     runner, pipeline = run_config.runner, run_config.pipeline
     validate_runner_config(runner)
     check_decode_plan(run_config.parallel, runner, world_size)
-    check_first_frame(pipeline, runner)
+    if first_frame:
+        check_first_frame(pipeline, runner)
     geometry = pipeline_geometry(pipeline)
     if geometry is not None:
         check_pixel_size(runner, geometry)

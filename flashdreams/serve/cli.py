@@ -79,9 +79,10 @@ def check_bind(host: str, token: str | None) -> None:
 
 def serve(args: argparse.Namespace, rest: list[str]) -> int:
     """Compose, build, then serve (rank 0) or follow (other ranks); the exit code."""
+    from flashdreams.launch.app import _launch_world_size
     from flashdreams.launch.cli import compose
     from flashdreams.launch.run_config import build_run_config
-    from flashdreams.launch.validate import validate_before_work
+    from flashdreams.runner.preflight import validate_before_work
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_bind(args.host, token)
@@ -93,7 +94,7 @@ def serve(args: argparse.Namespace, rest: list[str]) -> int:
     slug = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if slug else rest
     run_config = build_run_config(compose(slug, overrides))
-    validate_before_work(run_config)
+    validate_before_work(run_config, world_size=_launch_world_size(), first_frame=False)
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)})
     return _serve_built(args, run_config, limits, token, slug)
 
