@@ -95,6 +95,11 @@ def serve(args: argparse.Namespace, rest: list[str]) -> int:
     overrides = rest[1:] if slug else rest
     run_config = build_run_config(compose(slug, overrides))
     validate_before_work(run_config, world_size=_launch_world_size(), first_frame=False)
+    if run_config.parallel.decode != "rank0":
+        raise ValueError(
+            f"flashdreams-serve decodes on rank 0 (parallel.decode=rank0); "
+            f"parallel.decode={run_config.parallel.decode} is for flashdreams-run"
+        )
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)})
     return _serve_built(args, run_config, limits, token, slug)
 
