@@ -8,7 +8,7 @@ offline runner and interactive callers drive the same loop.
 from flashdreams.session.checks import NonFiniteOutputError, check_finite
 from flashdreams.session.loop import RolloutProgress, SessionPipeline, StreamingSession
 from flashdreams.session.manager import SessionManager
-from flashdreams.session.session import ChunkResult, Session, SwitchReceipt
+from flashdreams.session.session import ChunkResult, LoRASwapReceipt, Session, SwitchReceipt
 from flashdreams.session.sinks import (
     BackgroundDecodeSink,
     ChunkSink,
@@ -34,6 +34,7 @@ __all__ = [
     "ChunkStats",
     "FrameWriter",
     "InlineDecodeSink",
+    "LoRASwapReceipt",
     "NonFiniteOutputError",
     "ProducedChunk",
     "PromptSwitch",

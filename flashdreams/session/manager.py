@@ -46,6 +46,7 @@ class SessionManager:
                     f"sessions need {needed} bytes, max_cache_bytes={self.max_cache_bytes}"
                 )
         session = Session(self.pipeline, session_id=self._next_id, **options)
+        session._open_session_ids = self.sessions.keys  # swap_loras refuses shared swaps
         self.sessions[self._next_id] = session
         self._next_id += 1
         return session

@@ -16,6 +16,10 @@ lockstep; requests are made on rank 0 and broadcast to the other ranks
 before each chunk (``command_group``), so all ranks apply the same switches
 and controls at the same chunk.
 
+The LoRA adapters of the model can be swapped live the same way
+(:meth:`Session.swap_loras`): received any time, applied at the next chunk
+boundary, with a :class:`LoRASwapReceipt`.
+
 A session steps the same loop as the offline runner
 (:class:`~flashdreams.session.loop.StreamingSession`, on a
 :class:`~flashdreams.session.sinks.ReturningSink`): each ``step`` returns the
@@ -26,7 +30,9 @@ The pipeline contract (what :class:`~flashdreams.recipes.wan.WanInferencePipelin
 provides): ``initialize_cache(text, image, height=, width=, release_oneshot_encoders=)``,
 ``switch_prompt(cache, text, negative_prompt=, recache=)``,
 ``generate_latent(i, cache, input)``, ``decode_latent(latent, i, cache)``, ``clean_latent(cache)``,
-``finalize(i, cache)`` and ``diffusion_model`` (``rng``, ``device``).
+``finalize(i, cache)`` and ``diffusion_model`` (``rng``, ``device``); LoRA swaps also use
+``transformer`` (its ``loras``, or each expert's for Wan 2.2, and ``guidance_scale``) and
+``config.negative_prompt``.
 
 Each session owns its noise: the state of the generator the diffusion model
 draws from (its seeded ``rng``, else torch's global generator of the device)
@@ -37,8 +43,10 @@ over one model draw what each would draw alone.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -48,30 +56,49 @@ from flashdreams.session.stats import RolloutStats
 from flashdreams.session.telemetry import SessionTelemetry
 from flashdreams.session.timeline import PromptSwitch
 
+if TYPE_CHECKING:
+    from flashdreams.recipes.wan.lora import LoRAAdapter, LoRAConfig, WanLoRAs
+
 SwitchMode = Literal["recache", "none"]
 SWITCH_MODES: tuple[str, ...] = ("recache", "none")
 
 
-@dataclass
-class SwitchReceipt:
-    """A prompt switch: when it was asked for and when it took effect."""
+@dataclass(kw_only=True)
+class BoundaryReceipt:
+    """A request applied at a chunk boundary: when it was asked for and when it took effect."""
+
+    mode: SwitchMode
+    """``recache`` or ``none``."""
+    received_at_chunk: int
+    """Chunks generated when the request was received (= the next chunk's index then)."""
+    received_s: float = field(default_factory=time.perf_counter)
+    """``time.perf_counter()`` at reception."""
+    applied_at_chunk: int | None = None
+    """First chunk generated under the request; ``None`` until applied."""
+    applied_s: float | None = None
+    """``time.perf_counter()`` once the request (and its re-cache) was done."""
+    first_frame_s: float | None = None
+    """``time.perf_counter()`` once the first chunk under the request was decoded."""
+
+
+@dataclass(kw_only=True)
+class SwitchReceipt(BoundaryReceipt):
+    """A prompt switch."""
 
     prompt: str | None
     """New prompt (``None``: only the negative prompt changes)."""
     negative_prompt: str | None
     """New CFG negative prompt (``None``: unchanged)."""
-    mode: SwitchMode
-    """``recache`` or ``none``."""
-    received_at_chunk: int
-    """Chunks generated when the switch was received (= the next chunk's index then)."""
-    received_s: float = field(default_factory=time.perf_counter)
-    """``time.perf_counter()`` at reception."""
-    applied_at_chunk: int | None = None
-    """First chunk generated under the switch; ``None`` until applied."""
-    applied_s: float | None = None
-    """``time.perf_counter()`` once the switch (and its re-cache) was done."""
-    first_frame_s: float | None = None
-    """``time.perf_counter()`` once the first chunk under the switch was decoded."""
+
+
+@dataclass(kw_only=True)
+class LoRASwapReceipt(BoundaryReceipt):
+    """A LoRA adapter swap (:meth:`Session.swap_loras`)."""
+
+    change: Any
+    """The adapters to swap in (a list) or the callable that changes them."""
+    adapters: list[str] | None = None
+    """Names of the adapters applied once the swap is done (every LoRA set, in order)."""
 
 
 @dataclass
@@ -86,12 +113,15 @@ class ChunkResult:
     """Decoded chunk (``None`` when not decoded or on ranks that do not hold the output)."""
     switches: list[SwitchReceipt]
     """Switches applied right before this chunk."""
+    lora_swaps: list[LoRASwapReceipt] = field(default_factory=list)
+    """LoRA swaps applied right before this chunk."""
 
 
 @dataclass
 class _Commands:
-    """What rank 0 hands every rank before a chunk: switches and controls."""
+    """What rank 0 hands every rank before a chunk: swaps, switches and controls."""
 
+    lora_swaps: list[LoRASwapReceipt] = field(default_factory=list)
     switches: list[SwitchReceipt] = field(default_factory=list)
     controls: dict[int, Any] = field(default_factory=dict)
 
@@ -124,11 +154,16 @@ class Session:
         """Identifier used in messages (the manager numbers its sessions)."""
         self.decode = decode
         self.switch_mode: SwitchMode = switch_mode
+        self.negative_prompt: str | None = None
+        """The CFG negative prompt set through the session (``None``: the pipeline's)."""
         self.command_group = command_group
         self.telemetry = SessionTelemetry()
         self._opened_s = time.perf_counter()
         self._controls: dict[int, Any] = {}
         self._scheduled: dict[int, list[SwitchReceipt]] = {}
+        self._lora_swaps: list[LoRASwapReceipt] = []
+        # set by SessionManager: () -> ids of the sessions open over the same model
+        self._open_session_ids: Callable[[], Any] | None = None
         self._next_chunk = 0
         self._closed = False
         if negative_prompt is not None:
@@ -203,6 +238,66 @@ class Session:
             )
         self._controls[chunk] = data
 
+    def swap_loras(
+        self,
+        change: list[LoRAConfig | LoRAAdapter | str | Path] | Callable[[Any], None],
+        *,
+        mode: SwitchMode | None = None,
+    ) -> LoRASwapReceipt:
+        """Ask for a LoRA adapter swap at the next chunk boundary.
+
+        ``change`` is either a list of adapters (:class:`LoRAConfig`, ``.safetensors`` paths
+        or read :class:`LoRAAdapter`; ``[]`` removes every adapter) that replaces the whole
+        set (``WanLoRAs.replace``; for Wan 2.2 each expert's set), or a callable
+        ``change(transformer)`` that changes the sets itself (e.g. per expert, or
+        ``transformer.loras.set_strength("style", 0.3)``). Under ``command_group`` the
+        request is made on rank 0 and sent to every rank (pickled): give a module-level
+        function or a ``functools.partial``, not a lambda.
+
+        At the boundary every rank changes the adapters, then, when the old or the new
+        adapters touch the text key-value path (``touches_context_projections``), encodes
+        the current prompt (and under CFG the negative prompt) again and rewrites the
+        cross-attention K/V; ``mode="recache"`` (default: the session's ``switch_mode``)
+        also recomputes the self-attention K/V of the kept chunks under the new weights,
+        so the next chunk equals a fresh session started with the new adapters on the same
+        history; ``"none"`` keeps them as computed under the old adapters. Swaps are
+        applied before the prompt switches of the same boundary. The image K/V of I2V
+        pipelines with an image encoder are not recomputed: adapters on ``k_img`` /
+        ``v_img`` / ``img_emb`` are not supported live.
+
+        The adapters live on the model, which every session over the pipeline shares: a
+        swap changes the chunks of every session. Under a :class:`SessionManager` a swap
+        is refused while more than one session is open. A swap that fails (e.g. an adapter
+        file that cannot be read) raises from the next :meth:`step` on every rank, leaves
+        the adapters as they were and is dropped; that step generates nothing, and the
+        boundary's prompt switches and controls wait for the next one.
+        """
+        self._check_open()
+        mode = self.switch_mode if mode is None else mode
+        _check_mode(mode)
+        if not callable(change):
+            if isinstance(change, str | Path) or not isinstance(change, list | tuple):
+                raise ValueError(
+                    f"swap_loras takes a list of adapters (LoRAConfig, path or LoRAAdapter) "
+                    f"or a callable change(transformer), got {type(change).__name__}"
+                )
+            change = list(change)
+        self._check_alone()
+        receipt = LoRASwapReceipt(change=change, mode=mode, received_at_chunk=self._next_chunk)
+        self._lora_swaps.append(receipt)
+        return receipt
+
+    def _check_alone(self) -> None:
+        if self._open_session_ids is None:
+            return
+        open_ids = sorted(self._open_session_ids())
+        if len(open_ids) > 1:
+            raise ValueError(
+                f"session {self.session_id}: cannot swap LoRA adapters while {len(open_ids)} "
+                f"sessions are open ({open_ids}): the adapters live on the model every session "
+                "shares; close the other sessions first"
+            )
+
     def _schedule_switch(
         self, prompt: str | None, negative_prompt: str | None, mode: SwitchMode, chunk: int
     ) -> SwitchReceipt:
@@ -222,6 +317,14 @@ class Session:
         self._check_open()
         index = self._next_chunk
         commands = self._broadcast(self._take_commands(index))
+        if commands.lora_swaps:
+            try:
+                self._apply_lora_swaps(commands.lora_swaps, index)
+            except BaseException:
+                # the failed swap is dropped; this boundary's switches and controls wait
+                self._scheduled.setdefault(index, [])[:0] = commands.switches
+                self._controls = commands.controls | self._controls
+                raise
         switches = commands.switches
         if switches:
             self._apply_switches(switches, index)
@@ -235,7 +338,7 @@ class Session:
         chunk = self.sink.last
         assert chunk is not None and chunk.index == index
         delivered_at = self.sink.delivered_at
-        for receipt in switches:
+        for receipt in [*switches, *commands.lora_swaps]:
             receipt.first_frame_s = delivered_at
         self.telemetry.record_chunk(
             denoise_s=stats.generate_s + stats.finalize_s,
@@ -247,10 +350,21 @@ class Session:
             self.telemetry.record_write(stats.write_s)
         for receipt in switches:
             self.telemetry.record_switch(receipt)
-        return ChunkResult(index=index, latent=chunk.latent, video=chunk.video, switches=switches)
+        return ChunkResult(
+            index=index,
+            latent=chunk.latent,
+            video=chunk.video,
+            switches=switches,
+            lora_swaps=commands.lora_swaps,
+        )
 
     def _take_commands(self, index: int) -> _Commands:
-        commands = _Commands(switches=self._scheduled.pop(index, []), controls=self._controls)
+        commands = _Commands(
+            lora_swaps=self._lora_swaps,
+            switches=self._scheduled.pop(index, []),
+            controls=self._controls,
+        )
+        self._lora_swaps = []
         self._controls = {}
         return commands
 
@@ -276,10 +390,55 @@ class Session:
         )
         if prompts:
             self.prompt = prompts[-1]
+        if negatives:
+            self.negative_prompt = negatives[-1]
         applied = time.perf_counter()
         for receipt in switches:
             receipt.applied_at_chunk = index
             receipt.applied_s = applied
+
+    def _apply_lora_swaps(self, swaps: list[LoRASwapReceipt], index: int) -> None:
+        """Change the adapters swap by swap, then re-encode / re-cache once for those done
+        (also when a later swap fails: its error is raised after)."""
+        self._check_alone()
+        transformer = self.pipeline.transformer
+        sets = _lora_sets(transformer)
+        touched_context = any(loras.touches_context_projections for loras in sets)
+        done: list[LoRASwapReceipt] = []
+        try:
+            for swap in swaps:
+                if callable(swap.change):
+                    swap.change(transformer)
+                else:
+                    for loras in sets:  # experts of one architecture: all or none fail
+                        loras.replace(swap.change)
+                done.append(swap)
+        finally:
+            if done:
+                touched_context |= any(loras.touches_context_projections for loras in sets)
+                self._refresh_after_swap(touched_context, any(s.mode == "recache" for s in done))
+                applied = time.perf_counter()
+                names = [name for loras in sets for name in loras.names]
+                for swap in done:
+                    swap.applied_at_chunk = index
+                    swap.applied_s = applied
+                    swap.adapters = names
+
+    def _refresh_after_swap(self, touched_context: bool, recache: bool) -> None:
+        """Text K/V under the new weights (when the text path changed), history re-cached."""
+        if not (touched_context or recache):
+            return
+        negative = None
+        if touched_context and self.pipeline.transformer.guidance_scale > 1.0:
+            negative = self.negative_prompt
+            if negative is None:
+                negative = self.pipeline.config.negative_prompt
+        self.pipeline.switch_prompt(
+            self.cache,
+            [self.prompt] if touched_context else None,
+            negative_prompt=negative,
+            recache=recache,
+        )
 
     # ------------------------------------------------------------------- closing
     @property
@@ -323,6 +482,16 @@ def _check_prompt(prompt: Any, what: str = "prompt") -> None:
 def _check_mode(mode: str) -> None:
     if mode not in SWITCH_MODES:
         raise ValueError(f"switch mode must be one of {SWITCH_MODES}, got {mode!r}")
+
+
+def _lora_sets(transformer: Any) -> list[WanLoRAs]:
+    """The LoRA sets of a transformer: its ``loras``, or each Wan 2.2 expert's."""
+    if hasattr(transformer, "loras"):
+        return [transformer.loras]
+    experts = ("transformer_high_noise", "transformer_low_noise")
+    if all(hasattr(transformer, expert) for expert in experts):
+        return [getattr(transformer, expert).loras for expert in experts]
+    raise ValueError(f"{type(transformer).__name__} takes no LoRA adapters")
 
 
 def _noise_state(model: Any) -> torch.Tensor:
