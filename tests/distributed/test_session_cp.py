@@ -1,11 +1,13 @@
-"""A session on 2 gloo ranks, with a ``recache`` switch requested on rank 0 only, equals the
-single-process session: the switch is broadcast to rank 1 before the chunk (command_group)
-and both ranks apply it at the same boundary (max abs <= 1e-5, fp32)."""
+"""A session on 2 gloo ranks, with a ``recache`` LoRA swap and a ``recache`` prompt switch
+requested on rank 0 only, equals the single-process session: the requests are broadcast to
+rank 1 before the chunk (command_group) and both ranks apply them at the same boundary
+(max abs <= 1e-5, fp32)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from flashdreams.infra.diffusion.model import DiffusionModelConfig
 from flashdreams.infra.diffusion.scheduler.fm import FlowMatchSchedulerConfig
@@ -15,12 +17,13 @@ from flashdreams.recipes.wan import (
     WanDiTNetworkTinyConfig,
     WanInferencePipelineConfig,
 )
+from flashdreams.recipes.wan.lora import LoRAConfig
 from flashdreams.session import Session
 from flashdreams.testing import run_on_ranks
 
 TOL = 1e-5
 HEIGHT, WIDTH = 2, 10  # 5 tokens per frame: padded on 2 ranks
-NUM_CHUNKS, SWITCH_AFTER = 5, 3
+NUM_CHUNKS, SWAP_AT, SWITCH_AFTER = 5, 2, 3
 
 
 def pipeline_config() -> WanInferencePipelineConfig:
@@ -60,8 +63,22 @@ def pipeline_config() -> WanInferencePipelineConfig:
     )
 
 
+def save_lora(path) -> None:
+    """A random rank-2 LoRA on self-attention q and the text path (cross-attention k)."""
+    generator = torch.Generator().manual_seed(5)
+    tensors = {}
+    for module in ("blocks.0.self_attn.q", "blocks.1.cross_attn.k"):
+        tensors[f"diffusion_model.{module}.lora_down.weight"] = torch.randn(
+            2, 32, generator=generator
+        )
+        tensors[f"diffusion_model.{module}.lora_up.weight"] = torch.randn(
+            32, 2, generator=generator
+        )
+    save_file(tensors, str(path))
+
+
 @torch.no_grad()
-def run_session(is_commander: bool, command_group=None) -> list[torch.Tensor | None]:
+def run_session(is_commander: bool, lora_path, command_group=None) -> list[torch.Tensor | None]:
     torch.manual_seed(0)
     pipeline = pipeline_config().setup().eval()
     session = Session.open(
@@ -74,17 +91,21 @@ def run_session(is_commander: bool, command_group=None) -> list[torch.Tensor | N
     )
     latents = []
     for index in range(NUM_CHUNKS):
+        if index == SWAP_AT and is_commander:
+            session.swap_loras([LoRAConfig(path=str(lora_path))])
         if index == SWITCH_AFTER and is_commander:
             session.switch_prompt("a blue cube", negative_prompt="dark")
         result = session.step()
+        if index == SWAP_AT:
+            assert [receipt.adapters for receipt in result.lora_swaps] == [["lora"]]
         if index == SWITCH_AFTER:
             assert [receipt.applied_at_chunk for receipt in result.switches] == [SWITCH_AFTER]
         latents.append(result.latent)
     return latents
 
 
-def check_ranks(rank: int, world_size: int, reference: list[torch.Tensor]) -> None:
-    latents = run_session(is_commander=rank == 0, command_group=dist.group.WORLD)
+def check_ranks(rank: int, world_size: int, reference: list[torch.Tensor], lora_path) -> None:
+    latents = run_session(rank == 0, lora_path, command_group=dist.group.WORLD)
     if rank == 0:
         for index, (latent, expected) in enumerate(zip(latents, reference, strict=True)):
             error = (latent - expected).abs().max().item()
@@ -93,6 +114,8 @@ def check_ranks(rank: int, world_size: int, reference: list[torch.Tensor]) -> No
         assert all(latent is None for latent in latents)
 
 
-def test_session_switch_on_two_ranks_equals_one_rank():
-    reference = run_session(is_commander=True)
-    run_on_ranks(check_ranks, 2, reference)
+def test_session_swap_and_switch_on_two_ranks_equal_one_rank(tmp_path):
+    lora_path = tmp_path / "lora.safetensors"
+    save_lora(lora_path)
+    reference = run_session(True, lora_path)
+    run_on_ranks(check_ranks, 2, reference, lora_path)
