@@ -116,6 +116,13 @@ FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "-
                     "-cp", "--config-dir", "-cd", "--experimental-rerun")  # fmt: skip
 """Hydra flags followed by a value (``--cfg job``)."""
 
+LAUNCHER_ALIASES = {
+    "hydra/launcher=submitit_local": "hydra/launcher=flashdreams_submitit_local",
+    "hydra/launcher=submitit_slurm": "hydra/launcher=flashdreams_submitit_slurm",
+}
+"""hydra-submitit-launcher's own launcher names pick flashdreams' subclasses, which print
+progress and one line per failed job (``hydra_plugins/flashdreams_submitit``)."""
+
 INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 """Optional value of Hydra's ``--info`` flag."""
 
@@ -227,6 +234,7 @@ def build_hydra_args(args: list[str]) -> tuple[list[str], str | None]:
 
     slug, args = _split_slug_and_check(args)
     chosen_groups = {arg.split("=", 1)[0] for arg in args if _is_override(arg)}
+    args = [LAUNCHER_ALIASES.get(arg, arg) for arg in args]
     hydra_args = [_typed_override(arg) if _is_override(arg) else arg for arg in args]
     search_path = [
         f"file://{Path(p).resolve()}"
