@@ -28,6 +28,9 @@ PREFIX = "flashdreams-run: "
 PEER_FAILURE_MARK = "stopping because rank"
 """In the line of a rank that stopped because another rank failed (not the cause)."""
 
+SLURM_ERROR_PREFIX = "slurmstepd: error:"
+"""SLURM's own lines in a job's log (cancelled, time limit, out-of-memory kill)."""
+
 _PYTHON_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Fault)\b.*")
 
 
@@ -82,7 +85,8 @@ def last_error_line(text: str | None) -> str | None:
     """The last line of a job's log that states its error, without our ``error:`` prefix.
 
     Preference: our own one-line error (``flashdreams-run: error: ...`` or
-    ``flashdreams-run: interrupted ...``), then the last Python exception line
+    ``flashdreams-run: interrupted ...``), then SLURM's own (``slurmstepd: error: ***
+    JOB 14 CANCELLED ...``, an out-of-memory kill), then the last Python exception line
     (``ValueError: ...``) of a traceback.
     """
     if not text:
@@ -91,6 +95,9 @@ def last_error_line(text: str | None) -> str | None:
     ours = [line for line in lines if line.startswith(PREFIX)]
     if ours:
         return ours[-1].removeprefix(PREFIX).removeprefix("error: ")
+    slurm_errors = [line for line in lines if line.startswith(SLURM_ERROR_PREFIX)]
+    if slurm_errors:
+        return slurm_errors[-1]
     python_errors = [line for line in lines if _PYTHON_ERROR_LINE.match(line)]
     return python_errors[-1] if python_errors else None
 

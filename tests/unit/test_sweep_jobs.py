@@ -71,6 +71,8 @@ def test_last_error_line_prefers_our_line_then_the_python_exception():
     assert last_error_line(log) == OUR_LINE.removeprefix("flashdreams-run: error: ")
     traceback_log = "Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'a'\n"
     assert last_error_line(traceback_log) == "KeyError: 'a'"
+    oom = "slurmstepd: error: Detected 1 oom_kill event in StepId=14.0."
+    assert last_error_line(f"{traceback_log}{oom}\n") == oom
     assert last_error_line("just progress\n") is None
     assert last_error_line(None) is None
 
