@@ -123,6 +123,10 @@ LAUNCHER_ALIASES = {
 """hydra-submitit-launcher's own launcher names pick flashdreams' subclasses, which print
 progress and one line per failed job (``hydra_plugins/flashdreams_submitit``)."""
 
+SUBMITIT_LAUNCHERS = ("slurm", "submitit-local", "flashdreams_submitit_local",
+                      "flashdreams_submitit_slurm")  # fmt: skip
+"""``hydra/launcher`` choices served by ``hydra_plugins/flashdreams_submitit``."""
+
 INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 """Optional value of Hydra's ``--info`` flag."""
 
@@ -259,6 +263,26 @@ def build_hydra_args(args: list[str]) -> tuple[list[str], str | None]:
     return flags + overrides, slug
 
 
+def check_submitit_launcher(hydra_args: list[str]) -> None:
+    """A submitit launcher choice needs hydra-submitit-launcher and our plugin importable."""
+    import importlib.util
+
+    chosen = [a.split("=", 1)[1] for a in hydra_args if a.startswith("hydra/launcher=")]
+    if not chosen or chosen[-1] not in SUBMITIT_LAUNCHERS:
+        return
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        raise ValueError(
+            f"hydra/launcher={chosen[-1]} needs hydra-submitit-launcher, which is not "
+            "installed: pip install -e '.[slurm]' in the flashdreams checkout"
+        )
+    if importlib.util.find_spec("hydra_plugins.flashdreams_submitit") is None:
+        raise ValueError(
+            f"hydra/launcher={chosen[-1]} needs flashdreams' launcher plugin "
+            "(hydra_plugins/flashdreams_submitit), which this installation does not have: "
+            "reinstall flashdreams (pip install -e '.[slurm]' in the checkout)"
+        )
+
+
 def _wants_job_config(args: list[str]) -> bool:
     """``--cfg job`` (or ``-c job``) outside a sweep: printed by us, after validation."""
     if "-m" in args or "--multirun" in args:
@@ -341,6 +365,7 @@ def _main(args: list[str]) -> int:
         if _wants_job_config(args):
             return _print_job_config(hydra_args)
         if "-m" in args or "--multirun" in args:
+            check_submitit_launcher(hydra_args)
             validate_sweep(parsed)
     except USER_ERRORS as error:
         print(format_user_error(error), file=sys.stderr)

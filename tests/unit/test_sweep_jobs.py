@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hydra.core.utils import JobReturn, JobStatus
 
-from flashdreams.launch.cli import build_hydra_args
+from flashdreams.launch.cli import build_hydra_args, check_submitit_launcher
 from flashdreams.launch.sweep_jobs import (
     SweepJob,
     last_error_line,
@@ -89,6 +89,29 @@ def test_plugin_launcher_names_pick_the_flashdreams_launchers(monkeypatch):
     for plugin_name in ("submitit_local", "submitit_slurm"):
         args, _ = build_hydra_args(["wan-tiny-t2v", "-m", f"hydra/launcher={plugin_name}"])
         assert f"hydra/launcher=flashdreams_{plugin_name}" in args
+
+
+def test_a_missing_launcher_plugin_is_one_line_with_the_fix(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    missing = {"hydra_plugins.flashdreams_submitit"}
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in missing else real_find_spec(name, *a),
+    )
+    check_submitit_launcher(["hydra/launcher=basic"])  # not a submitit launcher: no check
+    with pytest.raises(ValueError) as error:
+        check_submitit_launcher(["-m", "hydra/launcher=submitit-local"])
+    assert str(error.value) == (
+        "hydra/launcher=submitit-local needs flashdreams' launcher plugin "
+        "(hydra_plugins/flashdreams_submitit), which this installation does not have: "
+        "reinstall flashdreams (pip install -e '.[slurm]' in the checkout)"
+    )
+    missing.add("hydra_plugins.hydra_submitit_launcher")
+    with pytest.raises(ValueError, match="needs hydra-submitit-launcher, which is not installed"):
+        check_submitit_launcher(["hydra/launcher=slurm"])
 
 
 def test_progress_then_one_error_line_per_failed_job_and_exit_1(tmp_path):
