@@ -253,6 +253,7 @@ def _handle_failure(error: BaseException, rank: int, job: _JobState) -> None:
     num_chunks_written = getattr(progress, "num_chunks_written", 0)
     if isinstance(error, RunInterrupted):
         error.num_chunks_written = num_chunks_written
+        error.writes_output = rank == 0  # every plan writes on rank 0
     if job.claimed is not None and num_chunks_written == 0:
         remove_log_sinks(job.sink_ids)
         job.claimed.remove_unfinished()
@@ -300,6 +301,16 @@ def _rank_prefix() -> str:
     return f"[rank {launch.rank}] " if launch.world_size > 1 else ""
 
 
+def _interrupted_outcome(error: BaseException) -> str:
+    """What an interrupted run kept, as this rank can tell: only rank 0 writes the video."""
+    if not getattr(error, "writes_output", True):
+        return "rank 0 writes the output (its line says what was kept)"
+    kept = getattr(error, "num_chunks_written", 0)
+    if kept:
+        return f"{kept} chunk(s) kept in a playable video; stats.json says status: interrupted"
+    return "no chunk was written, so nothing was kept"
+
+
 TRACEBACK_ENV = "FLASHDREAMS_TRACEBACK"
 """Set to 1 to get Python tracebacks instead of one-paragraph errors."""
 
@@ -320,13 +331,10 @@ def hydra_task(cfg: Any) -> None:
         container = OmegaConf.to_container(cfg, resolve=True)
         run(container, job_number=_hydra_job_number())
     except RunInterrupted as error:
-        kept = getattr(error, "num_chunks_written", 0)
-        outcome = (
-            f"{kept} chunk(s) kept in a playable video; stats.json says status: interrupted"
-            if kept
-            else "no chunk was written, so nothing was kept"
+        print(
+            f"flashdreams-run: {_rank_prefix()}{error}; {_interrupted_outcome(error)}",
+            file=sys.stderr,
         )
-        print(f"flashdreams-run: {_rank_prefix()}{error}; {outcome}", file=sys.stderr)
         sys.exit(error.exit_code)
     except USER_ERRORS as error:
         if os.environ.get(TRACEBACK_ENV) == "1":

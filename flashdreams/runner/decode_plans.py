@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -134,6 +135,8 @@ def decode_plan_conflict(decode: str, runner: Any) -> str | None:
     return None
 
 
+_JOIN_STEP_S = 0.1
+"""Longest uninterrupted step of a thread waiting for a :class:`DecodeLink` header."""
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _MAX_DIMS = 8
 
@@ -150,6 +153,12 @@ class DecodeLink:
     failure). Going back, ``signal`` carries a stop signal the decode rank received and
     ``microseconds`` its decode time. Only ``send`` / ``recv`` of whole tensors on the
     rank's device: safe with NCCL as with gloo.
+
+    Each header is received on a short-lived helper thread while the calling thread
+    waits in interruptible steps: a stop request (a peer's failure notice, a second
+    signal) raises at once even when the peer is gone or silent, where a blocking receive
+    would hold the thread (from a dead NCCL peer for ever; from a silent gloo peer until
+    its process ends).
     """
 
     CHUNK, END, STOP = 1, 2, 3
@@ -181,14 +190,31 @@ class DecodeLink:
 
     def recv(self) -> tuple[int, torch.Tensor | None, int, int]:
         """``(kind, tensor or None, signal, microseconds)``."""
-        header = torch.empty(5 + _MAX_DIMS, dtype=torch.int64, device=self.device)
-        dist.recv(header, src=self.peer)
-        kind, signal, microseconds, dtype_index, ndim, *slots = header.tolist()
+        kind, signal, microseconds, dtype_index, ndim, *slots = self._receive_header()
         tensor = None
         if kind == self.CHUNK:
             tensor = torch.empty(slots[:ndim], dtype=_DTYPES[dtype_index], device=self.device)
             dist.recv(tensor, src=self.peer)
         return kind, tensor, signal, microseconds
+
+    def _receive_header(self) -> list[int]:
+        header = torch.empty(5 + _MAX_DIMS, dtype=torch.int64, device=self.device)
+        outcome: list[Any] = []
+
+        def receive() -> None:
+            try:
+                dist.recv(header, src=self.peer)
+                outcome.append(header.tolist())
+            except BaseException as error:  # noqa: BLE001 - raised on the calling thread
+                outcome.append(error)
+
+        thread = threading.Thread(target=receive, name="flashdreams-decode-link", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(_JOIN_STEP_S)  # returns when the header is in; signals raise here
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
 
 class DedicatedDecodeSink(InlineDecodeSink):

@@ -668,6 +668,9 @@ class Runner:
         if signal_number:
             if guard.received_at is not None:
                 self.progress.stop_latency_s = time.monotonic() - guard.received_at
+            # A signal another rank received is this rank's stop too (under
+            # parallel.decode=dedicated rank 0 passes it on to the decode rank).
+            guard.note_stop(signal_number)
             raise RunInterrupted(signal_number, where)
 
     def _check_stop_between_steps(self, autoregressive_index: int, step_index: int) -> None:

@@ -96,3 +96,46 @@ def single_error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("flashdreams-run: error:")]
     assert len(lines) == 1, stderr
     return lines[0]
+
+
+def launch_ranks(
+    args: list[str], cwd: Path, num_ranks: int, env: dict[str, str], *, timeout: float = 90
+) -> list[tuple[int, str, float]]:
+    """Start ``num_ranks`` CLI processes like ``srun`` would (no torchrun agent to tear the
+    survivors down); ``(exit code, stderr, seconds from the start to its exit)`` per rank."""
+    import socket
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    processes = []
+    started = time.monotonic()
+    for rank in range(num_ranks):
+        rank_env = dict(
+            env,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(num_ranks),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        processes.append(
+            subprocess.Popen(
+                [*cli_command(), *args], cwd=cwd, env=rank_env, stderr=subprocess.PIPE, text=True
+            )
+        )
+
+    def finish(process: subprocess.Popen) -> tuple[int, str, float]:
+        _, stderr = process.communicate(timeout=timeout)
+        return process.returncode, stderr, time.monotonic() - started
+
+    with ThreadPoolExecutor(num_ranks) as pool:  # each rank's own exit time
+        futures = [pool.submit(finish, process) for process in processes]
+        try:
+            return [future.result() for future in futures]
+        except subprocess.TimeoutExpired:
+            for process in processes:
+                process.kill()
+            raise

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from e2e_helpers import cli_command
+from e2e_helpers import cli_command, launch_ranks
 
 from flashdreams.runner.video import read_mp4
 
@@ -32,12 +31,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
     env.pop("FLASHDREAMS_TRACEBACK", None)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stats(run_dir: Path) -> dict:
@@ -71,37 +64,8 @@ def test_rank1_dies_under_torchrun(tmp_path):
 
 def _launch_two_ranks(tmp_path: Path, fault: str, num_chunks: int) -> list[tuple[int, str, float]]:
     """Two ranks started like ``srun`` would (no torchrun agent to kill the survivors)."""
-    port = _free_port()
-    processes = []
-    started = time.monotonic()
-    for rank in range(2):
-        env = _env(
-            FLASHDREAMS_FAULT_INJECTION=fault,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        command = [
-            *cli_command(),
-            *SMALL,
-            f"runner.num_chunks={num_chunks}",
-            "runner.output_dir=run",
-        ]
-        processes.append(
-            subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-        )
-    outcomes = []
-    for process in processes:
-        try:
-            _, stderr = process.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            raise
-        outcomes.append((process.returncode, stderr, time.monotonic() - started))
-    return outcomes
+    args = [*SMALL, f"runner.num_chunks={num_chunks}", "runner.output_dir=run"]
+    return launch_ranks(args, tmp_path, 2, _env(FLASHDREAMS_FAULT_INJECTION=fault))
 
 
 def test_rank0_fails_during_write_and_rank1_learns_it(tmp_path):
