@@ -199,11 +199,14 @@ class StreamingSession:
 
     # ---- one AR step -------------------------------------------------------------------------
 
-    def step(self, control: Any = None) -> ChunkStats:
+    def step(self, control: Any = None, *, pipeline: SessionPipeline | None = None) -> ChunkStats:
         """Generate the next chunk, hand it to the sink, finalize it; returns its stats.
 
         ``control`` is this chunk's input for the pipeline's encoder (``None``: none).
+        ``pipeline`` stands in for the session's pipeline for this step (a batched step
+        hands each session a view whose chunk was generated with the others').
         """
+        pipeline = self.pipeline if pipeline is None else pipeline
         index = self.next_index
         progress = self.progress
         progress.autoregressive_index = index
@@ -211,7 +214,7 @@ class StreamingSession:
         progress.stage = "generate"
         self._raise_sink_failure()
         started = time.perf_counter()
-        chunk = self._generate(index, control)
+        chunk = self._generate(pipeline, index, control)
         generated = time.perf_counter()
         progress.stage = "write"
         self._fault(index, "write")
@@ -227,7 +230,7 @@ class StreamingSession:
         self._stop_point(f"after AR step {index} was written")
         progress.stage = "finalize"
         self._fault(index, "finalize")
-        stats.profile = self.pipeline.finalize(index, self.cache) or None
+        stats.profile = pipeline.finalize(index, self.cache) or None
         finished = time.perf_counter()
         stats.generate_s = generated - started
         stats.finalize_s = finished - delivered
@@ -236,9 +239,9 @@ class StreamingSession:
         self._mark(finalized=index)
         return stats
 
-    def _generate(self, index: int, control: Any) -> ProducedChunk:
+    def _generate(self, pipeline: SessionPipeline, index: int, control: Any) -> ProducedChunk:
         self._fault(index, "generate")
-        chunk = self.sink.produce(self.pipeline, index, self.cache, control)
+        chunk = self.sink.produce(pipeline, index, self.cache, control)
         self._fault(index, "generate", chunk.local_latent)
         if self.check_finite:
             check_finite(chunk.local_latent, index)
@@ -247,9 +250,7 @@ class StreamingSession:
         if self.keep_latents:
             # The background sink already holds the gathered latent: no second gather.
             latent = (
-                chunk.latent
-                if chunk.latent_gathered
-                else self.pipeline.gather_clean_latent(self.cache)
+                chunk.latent if chunk.latent_gathered else pipeline.gather_clean_latent(self.cache)
             )
             if latent is not None:
                 self.latents.append(latent.detach().float().cpu())

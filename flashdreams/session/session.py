@@ -34,10 +34,13 @@ provides): ``initialize_cache(text, image, height=, width=, release_oneshot_enco
 ``transformer`` (its ``loras``, or each expert's for Wan 2.2, and ``guidance_scale``) and
 ``config.negative_prompt``.
 
-Each session owns its noise: the state of the generator the diffusion model
-draws from (its seeded ``rng``, else torch's global generator of the device)
-is swapped in before and saved after every chunk, so sessions interleaved
-over one model draw what each would draw alone.
+Each session owns its noise: a generator of its own (seeded with ``seed``,
+else started from the state of the generator the diffusion model would draw
+from: its seeded ``rng``, else torch's global generator of the device), set
+as the rollout cache's ``noise_generators``. Sessions interleaved over one
+model, or batched into one forward by a
+:class:`~flashdreams.session.manager.SessionManager`, draw what each would
+draw alone.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import torch
 
 from flashdreams.session.loop import StreamingSession
 from flashdreams.session.sinks import FrameWriter, ReturningSink
-from flashdreams.session.stats import RolloutStats
+from flashdreams.session.stats import ChunkStats, RolloutStats
 from flashdreams.session.telemetry import SessionTelemetry
 from flashdreams.session.timeline import PromptSwitch
 
@@ -115,6 +118,20 @@ class ChunkResult:
     """Switches applied right before this chunk."""
     lora_swaps: list[LoRASwapReceipt] = field(default_factory=list)
     """LoRA swaps applied right before this chunk."""
+
+
+@dataclass
+class Boundary:
+    """What :meth:`Session.begin_step` applied and took at one chunk boundary."""
+
+    index: int
+    """The chunk about to be generated."""
+    switches: list[SwitchReceipt]
+    """Prompt switches applied at this boundary."""
+    lora_swaps: list[LoRASwapReceipt]
+    """LoRA swaps applied at this boundary."""
+    control: Any = None
+    """The chunk's control for the pipeline's encoder (``None``: none)."""
 
 
 @dataclass
@@ -186,11 +203,14 @@ class Session:
             check_finite=check_finite,
         )
         model = pipeline.diffusion_model
+        self.generator = torch.Generator(device=model.device)
+        """The generator this session's noise is drawn from."""
         if seed is None:
             # After initialize_cache, which may draw from the global generator (as offline).
-            self._rng_state = _noise_state(model)
+            self.generator.set_state(_noise_state(model))
         else:
-            self._rng_state = torch.Generator(device=model.device).manual_seed(seed).get_state()
+            self.generator.manual_seed(seed)
+        self.stream.cache.transformer_cache.noise_generators = [self.generator]
         self.prompt = prompt
         """The prompt the next chunk is generated under (after pending switches, once applied)."""
 
@@ -314,6 +334,13 @@ class Session:
     @torch.no_grad()
     def step(self) -> ChunkResult:
         """Apply what is due at this boundary, then generate, decode and commit one chunk."""
+        boundary = self.begin_step()
+        return self.finish_step(boundary, self.stream.step(boundary.control))
+
+    def begin_step(self) -> Boundary:
+        """First half of :meth:`step`: apply what is due at this chunk boundary (LoRA swaps,
+        prompt switches) and take the chunk's control. The chunk itself is then generated
+        alone (``stream.step``) or batched with other sessions (:class:`SessionManager`)."""
         self._check_open()
         index = self._next_chunk
         commands = self._broadcast(self._take_commands(index))
@@ -330,15 +357,23 @@ class Session:
             self._apply_switches(switches, index)
         self._controls.update(commands.controls)
         control = self._controls.pop(index, None)
-        model = self.pipeline.diffusion_model
-        _set_noise_state(model, self._rng_state)
-        stats = self.stream.step(control)
-        self._rng_state = _noise_state(model)
+        return Boundary(
+            index=index,
+            switches=switches,
+            lora_swaps=commands.lora_swaps,
+            control=control,
+        )
+
+    def finish_step(self, boundary: Boundary, stats: ChunkStats) -> ChunkResult:
+        """Second half of :meth:`step`, once the chunk was generated, delivered and committed:
+        receipts, telemetry and the result."""
+        index = boundary.index
+        switches = boundary.switches
         self._next_chunk = index + 1
         chunk = self.sink.last
         assert chunk is not None and chunk.index == index
         delivered_at = self.sink.delivered_at
-        for receipt in [*switches, *commands.lora_swaps]:
+        for receipt in [*switches, *boundary.lora_swaps]:
             receipt.first_frame_s = delivered_at
         self.telemetry.record_chunk(
             denoise_s=stats.generate_s + stats.finalize_s,
@@ -355,7 +390,7 @@ class Session:
             latent=chunk.latent,
             video=chunk.video,
             switches=switches,
-            lora_swaps=commands.lora_swaps,
+            lora_swaps=boundary.lora_swaps,
         )
 
     def _take_commands(self, index: int) -> _Commands:

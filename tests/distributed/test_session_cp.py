@@ -119,3 +119,53 @@ def test_session_swap_and_switch_on_two_ranks_equal_one_rank(tmp_path):
     save_lora(lora_path)
     reference = run_session(True, lora_path)
     run_on_ranks(check_ranks, 2, reference, lora_path)
+
+
+@torch.no_grad()
+def run_batched(is_commander: bool, command_group=None) -> list[list[torch.Tensor | None]]:
+    """Two sessions over one pipeline, batched by the manager, with a recache switch in the
+    second requested on rank 0 only."""
+    from flashdreams.session import SessionManager
+
+    torch.manual_seed(0)
+    pipeline = pipeline_config().setup().eval()
+    manager = SessionManager(pipeline, max_sessions=2)
+    for prompt, seed in (("a red ball", 7), ("a green tree", 8)):
+        manager.open(
+            prompt=prompt, height=HEIGHT, width=WIDTH, seed=seed, command_group=command_group
+        )
+    latents: list[list[torch.Tensor | None]] = [[], []]
+    for index in range(NUM_CHUNKS):
+        if index == SWITCH_AFTER and is_commander:
+            manager.get(1).switch_prompt("a blue cube")
+        for session_id, result in manager.step().items():
+            latents[session_id].append(result.latent)
+    return latents
+
+
+def check_batched_ranks(rank: int, world_size: int, reference) -> None:
+    from flashdreams.session import manager as manager_module
+
+    batched_steps = []
+    step_batched = manager_module.step_batched
+
+    def counting(streams):
+        batched_steps.append(len(streams))
+        return step_batched(streams)
+
+    manager_module.step_batched = counting
+    latents = run_batched(rank == 0, command_group=dist.group.WORLD)
+    assert batched_steps == [2] * NUM_CHUNKS  # every chunk ran as one batch on every rank
+    for session_latents, expected in zip(latents, reference, strict=True):
+        for index, latent in enumerate(session_latents):
+            if rank != 0:
+                assert latent is None
+                continue
+            error = (latent - expected[index]).abs().max().item()
+            assert error <= TOL, f"chunk {index}: max abs {error:.3e} > {TOL}"
+
+
+def test_batched_sessions_with_a_switch_on_two_ranks_equal_one_rank():
+    reference = run_batched(True)
+    assert (reference[0][-1] - reference[1][-1]).abs().max() > 1e-3
+    run_on_ranks(check_batched_ranks, 2, reference)

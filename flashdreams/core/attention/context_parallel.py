@@ -142,6 +142,19 @@ class ContextParallelKVCache(KVCache):
         view.num_committed_chunks = self.num_committed_chunks
         return view  # type: ignore[return-value]
 
+    def _with_buffers(self, buffers: list[torch.Tensor]) -> ContextParallelKVCache:
+        part = super()._with_buffers(buffers)
+        part.num_committed_chunks = list(self.num_committed_chunks)
+        return part  # type: ignore[return-value]
+
+    def can_batch_with(self, other: KVCache) -> bool:
+        return (
+            super().can_batch_with(other)
+            and isinstance(other, ContextParallelKVCache)
+            and self.ring_budgets == other.ring_budgets
+            and self.ring_shard_lengths() == other.ring_shard_lengths()
+        )
+
     def commit(self, num_new: int) -> None:
         super().commit(num_new)
         self.num_committed_chunks[0] += 1

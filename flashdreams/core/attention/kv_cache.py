@@ -29,6 +29,9 @@ Bytes per element: 1 + 2 / D (0.51x of bf16 at D = 128).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +148,51 @@ class KVCache:
     def batch_slice(self, start: int, stop: int) -> KVCache:
         """A cache viewing batch rows ``[start:stop]``; storage and counters are shared."""
         return KVCache._view(self, start, stop)
+
+    # ------------------------------------------------- batching separate rollouts
+    def can_batch_with(self, other: KVCache) -> bool:
+        """Whether ``other`` is at the same point of a same-shaped rollout (sizes, storage,
+        fill and key validity), so the two can run as one batch (:meth:`concat`)."""
+        same = (
+            type(self) is type(other)
+            and self.k.shape[1:] == other.k.shape[1:]
+            and self.k.dtype == other.k.dtype
+            and (self.chunk_size, self.window_size, self.sink_size)
+            == (other.chunk_size, other.window_size, other.sink_size)
+            and self.counters.num_filled == other.counters.num_filled
+            and self.counters.has_padding == other.counters.has_padding
+        )
+        if not same or not self.counters.has_padding:
+            return same
+        return torch.equal(self.valid, other.valid)
+
+    @classmethod
+    def concat(cls, caches: Sequence[KVCache]) -> KVCache:
+        """One cache holding the batch rows of ``caches`` in order (new storage; its own
+        bookkeeping, copied from the first). The caches must :meth:`can_batch_with` each other."""
+        first = caches[0]
+        assert all(first.can_batch_with(other) for other in caches[1:])
+        buffers = zip(*(cache._token_buffers() for cache in caches), strict=True)
+        return first._with_buffers([torch.cat(parts, dim=0) for parts in buffers])
+
+    def split_rows(self, ranges: Sequence[tuple[int, int]]) -> list[KVCache]:
+        """Caches over batch rows ``[start:stop]`` of each range: views of this storage
+        (rows written later stay apart), each with its own copy of the bookkeeping."""
+        return [
+            self._with_buffers([buffer[start:stop] for buffer in self._token_buffers()])
+            for start, stop in ranges
+        ]
+
+    def _with_buffers(self, buffers: list[torch.Tensor]) -> KVCache:
+        """A copy of this cache over ``buffers`` (see :meth:`_token_buffers`) with its own
+        validity mask and counters."""
+        part = copy.copy(self)
+        part.k, part.v = buffers[0], buffers[1]
+        if len(buffers) > 2:
+            part.k_scale, part.v_scale = buffers[2], buffers[3]
+        part.valid = self.valid.clone()
+        part.counters = dataclasses.replace(self.counters)
+        return part
 
     @property
     def capacity(self) -> int:

@@ -12,6 +12,7 @@ from typing_extensions import TypeVar
 
 from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.infra.config import InstantiateConfig
+from flashdreams.infra.diffusion.noise import NoiseSource
 from flashdreams.infra.diffusion.scheduler.base import Scheduler, SchedulerConfig
 from flashdreams.infra.diffusion.transformer import (
     Transformer,
@@ -108,6 +109,12 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
             self._rng_device = device
         return self._rng
 
+    def noise_source(self, cache: TransformerCacheT) -> NoiseSource:
+        """Where a rollout's draws come from: its cache's own generators, else :attr:`rng`."""
+        if cache.noise_generators is not None:
+            return cache.noise_generators
+        return self.rng
+
     def reset_rng(self) -> None:
         """Re-seed :attr:`rng` on its next use (a new rollout then draws the same noise)."""
         self._rng = None
@@ -125,7 +132,7 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
         patched_input = (
             transformer.patchify_and_maybe_split_cp(input) if input is not None else None
         )
-        rng = self.rng
+        rng = self.noise_source(cache)
         noise = transformer.sample_noise(
             rng,
             device=self.device,
@@ -173,7 +180,7 @@ class DiffusionModel(nn.Module, Generic[TransformerCacheT]):
             latent = self.scheduler.add_noise(
                 clean_input=clean,
                 timestep=timestep,
-                rng=self.rng,
+                rng=self.noise_source(final_state.cache),
                 noise_like=self.transformer.sample_noise_like,
             )
         self.transformer.finalize_kv_cache(latent, timestep, final_state.cache, final_state.input)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
@@ -11,6 +12,7 @@ import torch.nn as nn
 from typing_extensions import TypeVar
 
 from flashdreams.infra.config import InstantiateConfig
+from flashdreams.infra.diffusion.noise import NoiseSource, entry_shape, randn_entries
 
 
 @dataclass(kw_only=True)
@@ -20,6 +22,11 @@ class TransformerAutoregressiveCache:
     Empty by default, which is right for non-AR transformers. Subclasses add
     fields and override :meth:`start` / :meth:`finalize` for bookkeeping.
     """
+
+    noise_generators: list[torch.Generator] | None = None
+    """Generators this rollout's noise is drawn from, one per rollout stacked in the batch
+    (interactive sessions own one each, so several can run as one batch); ``None``: the
+    diffusion model's ``rng`` (or the device's global generator)."""
 
     def start(self, autoregressive_index: int) -> None:
         """Called before the denoising steps of an AR step. No-op by default."""
@@ -112,9 +119,23 @@ class Transformer(nn.Module, ABC, Generic[TransformerCacheT]):
     def patchify_and_maybe_split_cp(self, x: Any) -> Any:
         """Patchify (and CP-split) a latent or a structured encoder payload, keeping its type."""
 
+    def can_batch_caches(self, caches: Sequence[TransformerCacheT]) -> bool:
+        """Whether the rollouts of ``caches`` can run their next chunk as one batch
+        (:meth:`concat_caches`). ``False`` unless a transformer supports batching."""
+        return False
+
+    def concat_caches(self, caches: Sequence[TransformerCacheT]) -> TransformerCacheT:
+        """One cache that runs the next chunk of every rollout of ``caches`` as one batch,
+        each rollout drawing from its own generator (``noise_generators``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch separate rollouts")
+
+    def split_cache(self, cache: TransformerCacheT) -> list[TransformerCacheT]:
+        """The rollouts' own caches back from :meth:`concat_caches`."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch separate rollouts")
+
     def sample_noise(
         self,
-        rng: torch.Generator | None,
+        rng: NoiseSource,
         *,
         device: torch.device,
         dtype: torch.dtype,
@@ -131,11 +152,13 @@ class Transformer(nn.Module, ABC, Generic[TransformerCacheT]):
             raise NotImplementedError(
                 f"{type(self).__name__} does not support noise_in_unpatchified_shape=True"
             )
-        return torch.randn(self.latent_shape, generator=rng, device=device, dtype=dtype)
+        return randn_entries(self.latent_shape, rng, device=device, dtype=dtype)
 
-    def sample_noise_like(self, x: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
-        """Gaussian noise shaped like the patchified tensor ``x`` (scheduler re-noising)."""
-        return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+    def sample_noise_like(self, x: torch.Tensor, rng: NoiseSource) -> torch.Tensor:
+        """Gaussian noise shaped like the patchified tensor ``x`` (scheduler re-noising);
+        with one generator per batched rollout, each draws its own rows."""
+        shape = entry_shape(tuple(x.shape), rng)
+        return randn_entries(shape, rng, device=x.device, dtype=x.dtype)
 
     def unpatchify_and_maybe_gather_cp(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`patchify_and_maybe_split_cp` for the clean latent. Identity by default."""

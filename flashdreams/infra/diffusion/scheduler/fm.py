@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from loguru import logger
 
+from flashdreams.infra.diffusion.noise import NoiseSource, entry_shape, randn_entries
 from flashdreams.infra.diffusion.scheduler.base import (
     FlowPredictor,
     Scheduler,
@@ -29,9 +30,10 @@ NoiseLike = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 """``noise_like(x, rng)``: standard Gaussian noise with the shape, device and dtype of ``x``."""
 
 
-def draw_noise_like(x: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
-    """Default ``noise_like``: ``torch.randn`` in the shape / device / dtype of ``x``."""
-    return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+def draw_noise_like(x: torch.Tensor, rng: NoiseSource = None) -> torch.Tensor:
+    """Default ``noise_like``: ``torch.randn`` in the shape / device / dtype of ``x``
+    (one generator per batched rollout: each draws its own rows)."""
+    return randn_entries(entry_shape(tuple(x.shape), rng), rng, device=x.device, dtype=x.dtype)
 
 
 def snap_to_schedule(timestep: torch.Tensor, schedule_timesteps: torch.Tensor) -> torch.Tensor:

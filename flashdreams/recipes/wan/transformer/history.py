@@ -9,6 +9,7 @@ consumed), so its memory is bounded by ``sink + window`` like the KV cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,53 @@ class CommitHistory:
             for kept in self.chunks
             if kept.chunk_index < self.num_sink_chunks or kept.chunk_index >= first_in_window
         ]
+
+    def can_batch_with(self, other: CommitHistory) -> bool:
+        """Same chunks kept, committed at the same timesteps, without encoder inputs."""
+        return len(self.chunks) == len(other.chunks) and all(
+            a.chunk_index == b.chunk_index
+            and a.input is None
+            and b.input is None
+            and a.latent.shape[1:] == b.latent.shape[1:]
+            and torch.equal(a.timestep, b.timestep)
+            for a, b in zip(self.chunks, other.chunks, strict=True)
+        )
+
+    @classmethod
+    def concat(cls, histories: Sequence[CommitHistory]) -> CommitHistory:
+        """The histories of rollouts batched together: each kept chunk's latents stacked."""
+        first = histories[0]
+        merged = cls.__new__(cls)
+        merged.num_sink_chunks = first.num_sink_chunks
+        merged.num_window_chunks = first.num_window_chunks
+        merged.chunks = [
+            CommittedChunk(
+                chunk_index=chunks[0].chunk_index,
+                latent=torch.cat([chunk.latent for chunk in chunks], dim=0),
+                timestep=chunks[0].timestep,
+            )
+            for chunks in zip(*(history.chunks for history in histories), strict=True)
+        ]
+        return merged
+
+    def split_rows(self, ranges: Sequence[tuple[int, int]]) -> list[CommitHistory]:
+        """The history of each batch-row range (latents are views)."""
+        parts = []
+        for start, stop in ranges:
+            part = CommitHistory.__new__(CommitHistory)
+            part.num_sink_chunks = self.num_sink_chunks
+            part.num_window_chunks = self.num_window_chunks
+            part.chunks = [
+                CommittedChunk(
+                    chunk_index=chunk.chunk_index,
+                    latent=chunk.latent[start:stop],
+                    timestep=chunk.timestep,
+                    input=chunk.input,
+                )
+                for chunk in self.chunks
+            ]
+            parts.append(part)
+        return parts
 
     def storage_bytes(self) -> int:
         """Bytes held by the kept latents."""

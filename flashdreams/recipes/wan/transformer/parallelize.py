@@ -24,6 +24,7 @@ import torch
 
 from flashdreams.core.distributed.plan import ParallelPlan
 from flashdreams.core.distributed.sharding import gather_tokens, slots_per_rank, split_tokens
+from flashdreams.infra.diffusion.noise import NoiseSource, entry_shape, randn_entries
 
 if TYPE_CHECKING:
     from flashdreams.core.distributed.mesh import ContextParallelMesh
@@ -70,13 +71,15 @@ class WanTokenParallel:
     def randn_tokens(
         self,
         global_shape: tuple[int, ...],
-        rng: torch.Generator | None,
+        rng: NoiseSource,
         *,
         device: torch.device,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        """Noise ``[..., L, D]`` drawn whole on every rank, then this rank's ``[..., L_rank, D]``."""
-        noise = torch.randn(global_shape, generator=rng, device=device, dtype=dtype)
+        """Noise ``[..., L, D]`` drawn whole on every rank, then this rank's ``[..., L_rank, D]``
+        (one generator per batched rollout: each draws its own rows)."""
+        shape = entry_shape(tuple(global_shape), rng)
+        noise = randn_entries(shape, rng, device=device, dtype=dtype)
         return self.split(noise)
 
     def gather(self, tokens: torch.Tensor, num_tokens: int) -> torch.Tensor | None:

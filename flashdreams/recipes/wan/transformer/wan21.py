@@ -10,7 +10,7 @@ Shape legend::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,12 @@ from flashdreams.core.quantization import (
     parameter_bytes,
     quantize_linear_weights,
     te_fp8_autocast,
+)
+from flashdreams.infra.diffusion.noise import (
+    NoiseSource,
+    entry_shape,
+    num_noise_entries,
+    randn_entries,
 )
 from flashdreams.infra.diffusion.transformer import (
     Transformer,
@@ -58,6 +64,9 @@ class Wan21TransformerCache(TransformerAutoregressiveCache):
     """Latent height of this rollout (pre-patchify)."""
     width: int
     """Latent width of this rollout (pre-patchify)."""
+    batch_shape: tuple[int, ...]
+    """Leading batch dims of the latents this cache runs: ``config.batch_shape``, or
+    ``(N * B,)`` for ``N`` rollouts batched by :meth:`Wan21Transformer.concat_caches`."""
     network_cache: WanDiTNetworkCache | None
     """Conditional-branch network cache (batch ``B``); ``None`` on the unconditional
     half of a ``cfg_parallel`` run."""
@@ -423,7 +432,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
 
     def sample_noise(
         self,
-        rng: torch.Generator | None,
+        rng: NoiseSource,
         *,
         device: torch.device,
         dtype: torch.dtype,
@@ -433,30 +442,37 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
 
         Under CP every rank draws the global tensor with the same generator and
         keeps its slots, so all generators advance alike and the shards are
-        those of the single-process draw.
+        those of the single-process draw. With one generator per batched rollout
+        (:func:`~flashdreams.infra.diffusion.noise.randn_entries`) the batch is
+        ``[N * B]`` and each rollout's rows are its own draw.
         """
+        batch_shape = self.config.batch_shape
+        num_entries = num_noise_entries(rng)
+        if num_entries > 1:
+            batch_shape = (num_entries * math.prod(batch_shape),)
         if not in_unpatchified_shape:
-            global_shape = (*self.config.batch_shape, self.num_tokens, self._token_width)
+            global_shape = (*batch_shape, self.num_tokens, self._token_width)
             return self.parallel.randn_tokens(global_shape, rng, device=device, dtype=dtype)
         assert self._height is not None and self._width is not None
         shape = (
-            *self.config.batch_shape,
+            *batch_shape,
             self.config.len_t,
             self.config.network.out_dim,
             self._height,
             self._width,
         )
-        noise = torch.randn(shape, generator=rng, device=device, dtype=dtype)
+        noise = randn_entries(entry_shape(shape, rng), rng, device=device, dtype=dtype)
         return self.patchify_and_maybe_split_cp(noise)
 
-    def sample_noise_like(self, x: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+    def sample_noise_like(self, x: torch.Tensor, rng: NoiseSource) -> torch.Tensor:
         """Gaussian noise shaped like the patchified ``x`` (scheduler re-noising).
 
         Under CP ``x`` is this rank's shard ``[..., L_rank, D]``: the global
         ``[..., L, D]`` noise is drawn and split, as in :meth:`sample_noise`.
         """
         if self.cp_mesh is None:
-            return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
+            shape = entry_shape(tuple(x.shape), rng)
+            return randn_entries(shape, rng, device=x.device, dtype=x.dtype)
         assert x.shape[-2] == self.num_local_tokens, (tuple(x.shape), self.num_local_tokens)
         global_shape = (*x.shape[:-2], self.num_tokens, x.shape[-1])
         return self.parallel.randn_tokens(global_shape, rng, device=x.device, dtype=x.dtype)
@@ -527,6 +543,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         return Wan21TransformerCache(
             height=height,
             width=width,
+            batch_shape=tuple(config.batch_shape),
             network_cache=cond,
             network_cache_uncond=uncond,
             batched_network_cache=batched,
@@ -537,6 +554,108 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
                 sink_size_t=config.sink_size_t,
             ),
         )
+
+    # ------------------------------------------------ batching separate rollouts
+    def can_batch_caches(self, caches: Sequence[Wan21TransformerCache]) -> bool:
+        """Whether the rollouts of ``caches`` can run their next chunk as one batch
+        (:meth:`concat_caches`): same latent size, one batch dim, one noise generator each,
+        the same chunk next, the same kept history (no encoder inputs) and same-shaped caches."""
+        first = caches[0]
+        if len(first.batch_shape) != 1:
+            return False
+        for cache in caches:
+            if cache.noise_generators is None or len(cache.noise_generators) != 1:
+                return False
+        return all(
+            (other.height, other.width, other.batch_shape)
+            == (first.height, first.width, first.batch_shape)
+            and (other.network_cache is None) == (first.network_cache is None)
+            and (other.network_cache_uncond is None) == (first.network_cache_uncond is None)
+            and first.batched_network_cache.can_batch_with(other.batched_network_cache)
+            and first.history.can_batch_with(other.history)
+            for other in caches[1:]
+        )
+
+    def concat_caches(self, caches: Sequence[Wan21TransformerCache]) -> Wan21TransformerCache:
+        """One cache that runs the next chunk of every rollout of ``caches`` as one batch.
+
+        Rows are in the order given (with batched CFG: every conditional row, then every
+        unconditional row, as the forward expects); the storage is new. Each rollout keeps
+        drawing from its own generator, so its rows equal what it computes alone. Undo with
+        :meth:`split_cache`. The caches must pass :meth:`can_batch_caches`.
+        """
+        assert self.can_batch_caches(caches)
+        first = caches[0]
+        num_rows = len(caches) * first.batch_shape[0]
+        if first.network_cache is not None and first.network_cache_uncond is not None:
+            parts = [cache.network_cache for cache in caches]
+            parts += [cache.network_cache_uncond for cache in caches]
+            batched = WanDiTNetworkCache.concat(parts)
+            cond = batched.batch_slice(0, num_rows)
+            uncond = batched.batch_slice(num_rows, 2 * num_rows)
+        else:
+            batched = WanDiTNetworkCache.concat([cache.batched_network_cache for cache in caches])
+            cond = batched if first.network_cache is not None else None
+            uncond = batched if first.network_cache_uncond is not None else None
+        return Wan21TransformerCache(
+            height=first.height,
+            width=first.width,
+            batch_shape=(num_rows,),
+            network_cache=cond,
+            network_cache_uncond=uncond,
+            batched_network_cache=batched,
+            rope=first.rope,
+            history=CommitHistory.concat([cache.history for cache in caches]),
+            autoregressive_index=first.autoregressive_index,
+            noise_generators=[cache.noise_generators[0] for cache in caches],
+        )
+
+    def split_cache(self, cache: Wan21TransformerCache) -> list[Wan21TransformerCache]:
+        """The rollouts' own caches back from :meth:`concat_caches`, after the batched chunk.
+
+        Without CFG (or under ``cfg_parallel``) they are views of the batched storage with
+        their own bookkeeping; with batched CFG each rollout's ``[cond; uncond]`` rows are
+        copied together.
+        """
+        generators = cache.noise_generators
+        assert generators is not None
+        num_entries = len(generators)
+        rows = cache.batch_shape[0] // num_entries
+        ranges = [(i * rows, (i + 1) * rows) for i in range(num_entries)]
+        if cache.network_cache is not None and cache.network_cache_uncond is not None:
+            conds = cache.network_cache.split_rows(ranges)
+            unconds = cache.network_cache_uncond.split_rows(ranges)
+            batched = [WanDiTNetworkCache.concat(pair) for pair in zip(conds, unconds, strict=True)]
+            branches = [
+                (part.batch_slice(0, rows), part.batch_slice(rows, 2 * rows)) for part in batched
+            ]
+        else:
+            batched = cache.batched_network_cache.split_rows(ranges)
+            branches = [
+                (
+                    part if cache.network_cache is not None else None,
+                    part if cache.network_cache_uncond is not None else None,
+                )
+                for part in batched
+            ]
+        histories = cache.history.split_rows(ranges)
+        return [
+            Wan21TransformerCache(
+                height=cache.height,
+                width=cache.width,
+                batch_shape=(rows,),
+                network_cache=cond,
+                network_cache_uncond=uncond,
+                batched_network_cache=network_cache,
+                rope=cache.rope,
+                history=history,
+                autoregressive_index=cache.autoregressive_index,
+                noise_generators=[generator],
+            )
+            for network_cache, (cond, uncond), history, generator in zip(
+                batched, branches, histories, generators, strict=True
+            )
+        ]
 
     def _branch_conditioning(
         self,
@@ -690,8 +809,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
     def _replace_text(self, network_cache: WanDiTNetworkCache, embeddings: torch.Tensor) -> None:
         """Overwrite the text K/V of every block of one branch's cache (batch ``B``)."""
         device = self.network.head.head.weight.device
-        batch_size = math.prod(self.config.batch_shape)
-        text = embeddings.reshape(batch_size, *embeddings.shape[-2:]).to(device)
+        text = embeddings.reshape(-1, *embeddings.shape[-2:]).to(device)
         text_context = self.network.embed_text(text)
         for block, block_cache in zip(self.network.blocks, network_cache.blocks, strict=True):
             k, v, _, _ = block.cross_attn.context_kv(text_context, None)
@@ -731,7 +849,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         commit: bool,
     ) -> torch.Tensor:
         config = self.config
-        batch_shape = config.batch_shape
+        batch_shape = cache.batch_shape
         batch_size = math.prod(batch_shape)
         num_tokens = noisy_latent.shape[-2]
         x = noisy_latent
@@ -786,7 +904,7 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         ``first_frame_timestep_value``.
         """
         config = self.config
-        batch_shape = config.batch_shape
+        batch_shape = cache.batch_shape
         timestep = timestep.to(device=device, dtype=torch.float32)
         per_token = timestep.ndim == len(batch_shape) + 1 and timestep.shape[-1] == num_tokens
         if not (

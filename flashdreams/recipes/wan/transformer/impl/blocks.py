@@ -11,7 +11,7 @@ Shape legend::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -98,6 +98,46 @@ class WanBlockCache:
             img_k=cut(self.img_k),
             img_v=cut(self.img_v),
         )
+
+    def can_batch_with(self, other: WanBlockCache) -> bool:
+        """Same-shaped caches at the same point of their rollouts (see :meth:`concat`)."""
+
+        def same_shape(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            return (a is None) == (b is None) and (a is None or a.shape[1:] == b.shape[1:])
+
+        return (
+            self.self_kv.can_batch_with(other.self_kv)
+            and same_shape(self.cross_k, other.cross_k)
+            and same_shape(self.img_k, other.img_k)
+        )
+
+    @classmethod
+    def concat(cls, caches: Sequence[WanBlockCache]) -> WanBlockCache:
+        """One cache over the batch rows of ``caches`` in order (new storage)."""
+
+        def cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if tensors[0] is None else torch.cat(tensors, dim=0)
+
+        return WanBlockCache(
+            self_kv=type(caches[0].self_kv).concat([cache.self_kv for cache in caches]),
+            cross_k=torch.cat([cache.cross_k for cache in caches], dim=0),
+            cross_v=torch.cat([cache.cross_v for cache in caches], dim=0),
+            img_k=cat([cache.img_k for cache in caches]),
+            img_v=cat([cache.img_v for cache in caches]),
+        )
+
+    def split_rows(self, ranges: Sequence[tuple[int, int]]) -> list[WanBlockCache]:
+        """Caches over the batch rows of each range (views; own KV bookkeeping)."""
+        return [
+            WanBlockCache(
+                self_kv=self_kv,
+                cross_k=self.cross_k[start:stop],
+                cross_v=self.cross_v[start:stop],
+                img_k=None if self.img_k is None else self.img_k[start:stop],
+                img_v=None if self.img_v is None else self.img_v[start:stop],
+            )
+            for self_kv, (start, stop) in zip(self.self_kv.split_rows(ranges), ranges, strict=True)
+        ]
 
 
 class WanSelfAttention(nn.Module):

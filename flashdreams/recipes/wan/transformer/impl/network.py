@@ -11,6 +11,7 @@ Shape legend::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -231,6 +232,46 @@ class WanDiTNetworkCache:
             sink_size=self.sink_size,
             num_committed_chunks=self.num_committed_chunks,
         )
+
+    def can_batch_with(self, other: WanDiTNetworkCache) -> bool:
+        """Whether ``other`` is at the same chunk of a same-shaped rollout (see :meth:`concat`)."""
+        return (
+            (self.chunk_size, self.window_size, self.sink_size, self.chunk_index)
+            == (other.chunk_size, other.window_size, other.sink_size, other.chunk_index)
+            and len(self.blocks) == len(other.blocks)
+            and all(a.can_batch_with(b) for a, b in zip(self.blocks, other.blocks, strict=True))
+        )
+
+    @classmethod
+    def concat(cls, caches: Sequence[WanDiTNetworkCache]) -> WanDiTNetworkCache:
+        """One cache running the rollouts of ``caches`` as one batch, rows in order (new
+        storage); they must :meth:`can_batch_with` each other."""
+        first = caches[0]
+        assert all(first.can_batch_with(other) for other in caches[1:])
+        return WanDiTNetworkCache(
+            blocks=[
+                WanBlockCache.concat(list(blocks)) for blocks in zip(*(c.blocks for c in caches))
+            ],
+            chunk_size=first.chunk_size,
+            window_size=first.window_size,
+            sink_size=first.sink_size,
+            num_committed_chunks=[first.chunk_index],
+        )
+
+    def split_rows(self, ranges: Sequence[tuple[int, int]]) -> list[WanDiTNetworkCache]:
+        """Caches over the batch rows of each range: views of this storage, each with its
+        own bookkeeping (stepping one no longer moves the others)."""
+        per_block = [block.split_rows(ranges) for block in self.blocks]
+        return [
+            WanDiTNetworkCache(
+                blocks=[parts[i] for parts in per_block],
+                chunk_size=self.chunk_size,
+                window_size=self.window_size,
+                sink_size=self.sink_size,
+                num_committed_chunks=[self.chunk_index],
+            )
+            for i in range(len(ranges))
+        ]
 
     def self_attention_storage_bytes(self) -> int:
         """Bytes held by the self-attention KV caches of all blocks."""
