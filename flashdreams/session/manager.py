@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from flashdreams.session.batch import can_batch, step_batched
 from flashdreams.session.session import Boundary, ChunkResult, Session
 
@@ -80,6 +82,7 @@ class SessionManager:
         self.get(session_id).close()
         del self.sessions[session_id]
 
+    @torch.no_grad()
     def step(self) -> dict[int, ChunkResult]:
         """One chunk of every open session (results in opening order).
 
