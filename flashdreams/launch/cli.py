@@ -338,10 +338,30 @@ def validate_sweep(overrides: list) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        code = _main(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
         print("flashdreams-run: interrupted by SIGINT before the run started", file=sys.stderr)
         return 128 + 2
+    if argv is None and "TORCHELASTIC_RUN_ID" in os.environ:
+        _leave_torchrun_worker(code)
+    return code
+
+
+def _leave_torchrun_worker(code: int) -> None:
+    """End a torchrun worker process that finished its work without the interpreter's
+    teardown. Seen with torch 2.13 on CPU: a gloo background thread occasionally aborts
+    the process while C++ static destructors run ("terminate called without an active
+    exception"), turning a finished run into a failed torchrun job. Everything the run
+    wrote is closed by now; flush the streams and logs and leave."""
+    import logging
+
+    from loguru import logger
+
+    logger.remove()  # flushes and closes every sink
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _main(args: list[str]) -> int:
