@@ -100,6 +100,17 @@ class Wan21TransformerCache(TransformerAutoregressiveCache):
         )
 
 
+def _branch_views(
+    network_cache: WanDiTNetworkCache, rows: int, *, has_cond: bool, has_uncond: bool
+) -> tuple[WanDiTNetworkCache | None, WanDiTNetworkCache | None]:
+    """``(cond, uncond)`` caches over the cache a forward runs on: with both branches
+    (batched CFG) its first and second ``rows`` rows; else the cache itself for the one
+    branch this rank runs, ``None`` for the other."""
+    if has_cond and has_uncond:
+        return network_cache.batch_slice(0, rows), network_cache.batch_slice(rows, 2 * rows)
+    return (network_cache if has_cond else None), (network_cache if has_uncond else None)
+
+
 def check_loras_compose(loras: list[LoRAConfig], quantization: str, where: str = "") -> None:
     """Run-time LoRA adapters need the unquantised weights they sit beside: refuse them with
     a quantised network (fused ones are folded into the weights before quantising)."""
@@ -533,13 +544,12 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         )
         batch_size = math.prod(config.batch_shape)
         cfg_branch = self.parallel.cfg_branch
-        if config.guidance_scale > 1.0 and cfg_branch is None:
-            cond = batched.batch_slice(0, batch_size)
-            uncond = batched.batch_slice(batch_size, 2 * batch_size)
-        elif cfg_branch == 1:
-            cond, uncond = None, batched
-        else:
-            cond, uncond = batched, None
+        cond, uncond = _branch_views(
+            batched,
+            batch_size,
+            has_cond=cfg_branch != 1,
+            has_uncond=config.guidance_scale > 1.0 and cfg_branch != 0,
+        )
         return Wan21TransformerCache(
             height=height,
             width=width,
@@ -587,16 +597,15 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         assert self.can_batch_caches(caches)
         first = caches[0]
         num_rows = len(caches) * first.batch_shape[0]
-        if first.network_cache is not None and first.network_cache_uncond is not None:
+        has_cond = first.network_cache is not None
+        has_uncond = first.network_cache_uncond is not None
+        if has_cond and has_uncond:
             parts = [cache.network_cache for cache in caches]
             parts += [cache.network_cache_uncond for cache in caches]
-            batched = WanDiTNetworkCache.concat(parts)
-            cond = batched.batch_slice(0, num_rows)
-            uncond = batched.batch_slice(num_rows, 2 * num_rows)
         else:
-            batched = WanDiTNetworkCache.concat([cache.batched_network_cache for cache in caches])
-            cond = batched if first.network_cache is not None else None
-            uncond = batched if first.network_cache_uncond is not None else None
+            parts = [cache.batched_network_cache for cache in caches]
+        batched = WanDiTNetworkCache.concat(parts)
+        cond, uncond = _branch_views(batched, num_rows, has_cond=has_cond, has_uncond=has_uncond)
         return Wan21TransformerCache(
             height=first.height,
             width=first.width,
@@ -622,22 +631,17 @@ class Wan21Transformer(Transformer[Wan21TransformerCache]):
         num_entries = len(generators)
         rows = cache.batch_shape[0] // num_entries
         ranges = [(i * rows, (i + 1) * rows) for i in range(num_entries)]
-        if cache.network_cache is not None and cache.network_cache_uncond is not None:
+        has_cond = cache.network_cache is not None
+        has_uncond = cache.network_cache_uncond is not None
+        if has_cond and has_uncond:
             conds = cache.network_cache.split_rows(ranges)
             unconds = cache.network_cache_uncond.split_rows(ranges)
             batched = [WanDiTNetworkCache.concat(pair) for pair in zip(conds, unconds, strict=True)]
-            branches = [
-                (part.batch_slice(0, rows), part.batch_slice(rows, 2 * rows)) for part in batched
-            ]
         else:
             batched = cache.batched_network_cache.split_rows(ranges)
-            branches = [
-                (
-                    part if cache.network_cache is not None else None,
-                    part if cache.network_cache_uncond is not None else None,
-                )
-                for part in batched
-            ]
+        branches = [
+            _branch_views(part, rows, has_cond=has_cond, has_uncond=has_uncond) for part in batched
+        ]
         histories = cache.history.split_rows(ranges)
         return [
             Wan21TransformerCache(
